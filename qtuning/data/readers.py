@@ -1,0 +1,112 @@
+"""Reading rows from JSON, JSONL, Parquet or a saved `datasets` directory, each with a location for errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qtuning.errors import QTuningError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "pkg://"
+
+
+@dataclass(frozen=True)
+class Row:
+    location: str  # "file:line" (JSON/JSONL) or "file:row N" (Parquet, datasets dir)
+    data: Any
+
+
+def resolve_path(path: str) -> Path:
+    """A filesystem path, or ``pkg://<module>/<file>`` for a data file shipped inside an installed package."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return Path(path).expanduser()
+    module, _, rel = path[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise QTuningError(f"data.path={path}: package '{module}' is not installed (see README, 'Setup')")
+    return Path(spec.submodule_search_locations[0]) / rel
+
+
+def _iter_json_array(text: str, source: str, salvage_truncated: bool) -> Iterator[Row]:
+    """Decode a JSON array element by element, so each row knows its line and a truncated file can be salvaged."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text[pos:].startswith("["):
+        raise QTuningError(f"{source}:1: expected a JSON array of rows (or use a .jsonl file)")
+    pos += 1
+    line, counted_to = 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            err_line = text.count("\n", 0, err.pos) + 1
+            if salvage_truncated:
+                log.warning(
+                    "%s:%d: file is truncated or malformed from here on (%s); kept the rows before it",
+                    source,
+                    err_line,
+                    err.msg,
+                )
+                return
+            raise QTuningError(f"{source}:{err_line}: malformed JSON: {err.msg}") from None
+        yield Row(f"{source}:{line}", obj)
+
+
+def _iter_jsonl(text: str, source: str) -> Iterator[Row]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield Row(f"{source}:{line_no}", json.loads(line))
+        except json.JSONDecodeError as err:
+            raise QTuningError(f"{source}:{line_no}: malformed JSON: {err.msg} (column {err.colno})") from None
+
+
+def iter_rows(path: str, salvage_truncated: bool = False) -> Iterator[Row]:
+    """Rows of a data file or `datasets` directory, in file order."""
+    file = resolve_path(path)
+    if not file.exists():
+        raise QTuningError(f"data.path={path}: no such file or directory")
+    source = str(file)
+    if file.is_dir():
+        import datasets
+
+        try:
+            dataset = datasets.load_from_disk(source)
+        except (FileNotFoundError, ValueError) as err:
+            raise QTuningError(f"data.path={path}: not a saved `datasets` directory ({err})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            raise QTuningError(f"data.path={path}: holds splits {list(dataset)}; point at one split's directory")
+        yield from (Row(f"{source}:row {i}", row) for i, row in enumerate(dataset))
+        return
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from (Row(f"{source}:row {i}", row) for i, row in enumerate(pq.read_table(file).to_pylist()))
+        return
+    if file.suffix not in (".json", ".jsonl"):
+        raise QTuningError(f"data.path={path}: unsupported file type '{file.suffix}' (use .json, .jsonl, .parquet)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = file.read_bytes()[: err.start].count(b"\n") + 1
+        raise QTuningError(f"{source}:{line}: not valid UTF-8 ({err.reason})") from None
+    if not text.strip():
+        raise QTuningError(f"{source}: file is empty")
+    if file.suffix == ".jsonl":
+        yield from _iter_jsonl(text, source)
+    else:
+        yield from _iter_json_array(text, source, salvage_truncated)

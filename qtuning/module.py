@@ -1,0 +1,156 @@
+"""`SFTModule`: the LightningModule that orchestrates one pruned SFT step.
+
+Per training step:
+1. ``BatchStats`` of the batch: masks only, or, when the policy needs scores, a no-grad scoring forward.
+2. ``decision = policy.select(stats)``.
+3. Forward + backward over the kept rows only, re-padded to their own longest length (the compute saving).
+4. Loss ``Σ ce·w / max(1, Σ w)``, token-normalised across gradient accumulation and devices: the step returns the
+   sum ``Σ ce·w`` and the gradients are divided by the window's ``Σ w`` just before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_cross_entropy
+
+Batch = dict[str, Tensor]
+
+
+def select_rows(batch: Batch, rows: Tensor) -> Batch:
+    """The given rows of a right-padded batch, trimmed to their own longest sequence."""
+    length = int(batch["attention_mask"][rows].sum(1).max())
+    return {key: value[rows] if key == "sample_idx" else value[rows, :length] for key, value in batch.items()}
+
+
+class SFTModule(LightningModule):
+    """Causal-LM fine-tuning under a `PruningPolicy`.
+
+    Args:
+        model: a Hugging Face causal LM (optionally peft-wrapped).
+        policy: decides, per batch, which rows and positions count.
+        optimizer: partial of a torch optimizer, called with the trainable parameters.
+        scheduler: partial called with ``(optimizer, total_steps=...)`` returning a per-step LR scheduler, or None.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: PruningPolicy,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.policy = policy
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_loss = MeanMetric()  # weighted by response tokens: the token-level mean over the whole split
+        self._window_loss_sum = torch.zeros(())
+        self._window_tokens = torch.zeros(())
+        self._window_input_tokens = 0
+        self._step_started: float | None = None
+
+    # ---- training ---------------------------------------------------------------------------------------------
+
+    def batch_stats(self, batch: Batch) -> BatchStats:
+        """What the policy sees: masks, plus NLL and entropy from a no-grad forward if the policy needs scores."""
+        if not self.policy.needs_scores:
+            return BatchStats.from_masks(batch["labels"], batch["attention_mask"], batch["sample_idx"])
+        with torch.no_grad():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"], batch["sample_idx"])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        stats = self.batch_stats(batch)
+        decision: PruneDecision = self.policy.select(stats)
+        kept_rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
+        kept = select_rows(batch, kept_rows)
+        token_weight = decision.token_keep[kept_rows, : kept["input_ids"].shape[1] - 1].float()  # [K, T'-1]
+
+        logits = self.model(input_ids=kept["input_ids"], attention_mask=kept["attention_mask"]).logits
+        ce = token_cross_entropy(logits, kept["labels"], kept["attention_mask"])  # [K, T'-1]
+        loss_sum = (ce * token_weight).sum()
+        self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
+        self._window_tokens = self._window_tokens.to(loss_sum.device) + token_weight.sum()
+
+        bwd_tokens = kept["attention_mask"].sum()
+        scored_tokens = stats.nonpad_mask.sum() if self.policy.needs_scores else 0
+        self._window_input_tokens += int(batch["attention_mask"].sum())
+        self.log_dict(
+            {
+                "prune/kept_samples": decision.sample_keep.float().mean(),
+                "prune/kept_tokens": decision.token_keep.sum() / stats.nonpad_mask.sum().clamp(min=1),
+                "prune/fwd_tokens": (bwd_tokens + scored_tokens).float(),
+                "prune/bwd_tokens": bwd_tokens.float(),
+                **{f"prune/{k}": float(v) for k, v in decision.metrics.items()},
+            },
+            on_step=True,
+            on_epoch=False,
+            batch_size=stats.batch_size,
+        )
+        # Lightning divides the returned value by accumulate_grad_batches; on_before_optimizer_step undoes that.
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the summed gradients by the loss tokens of the whole accumulation window, over all devices."""
+        tokens = self.trainer.strategy.reduce(self._window_tokens.clone(), reduce_op="sum")
+        loss_sum = self.trainer.strategy.reduce(self._window_loss_sum.clone(), reduce_op="sum")
+        # DDP averaged the gradients over devices and Lightning divided them by the accumulation count.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        for param in self.model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        self.log_dict(
+            {
+                "train/loss": loss_sum / tokens.clamp(min=1),
+                "train/lr": optimizer.param_groups[0]["lr"],
+                "train/loss_tokens": tokens,
+                "train/tokens_per_s": self._window_input_tokens / max(elapsed, 1e-9),
+            },
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+        )
+        self._window_loss_sum = torch.zeros((), device=loss_sum.device)
+        self._window_tokens = torch.zeros((), device=loss_sum.device)
+        self._window_input_tokens = 0
+        self._step_started = None
+
+    # ---- validation: never pruned -----------------------------------------------------------------------------
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = token_cross_entropy(logits, batch["labels"], batch["attention_mask"])  # [B, T-1]
+        n_tokens = shift_targets(batch["labels"], batch["attention_mask"])[1].sum()
+        if n_tokens > 0:
+            self.val_loss.update(ce.sum() / n_tokens, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the LR schedule needs a finite run length: set trainer.max_steps or trainer.max_epochs")
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,142 @@
+"""Per-token statistics of a batch under the current model: the one place where labels are shifted.
+
+Position ``i`` of every ``[B, T-1]`` tensor here is the prediction of token ``i + 1`` from the logits at ``i``
+(``logits[:, :-1]`` against ``labels[:, 1:]``). All statistics are fp32. The full ``[B, T, V]`` logits are never
+upcast at once: they are processed in chunks of positions, so peak extra memory is one chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qtuning import IGNORE_INDEX
+
+# Largest fp32 chunk of logits (elements) materialised at once: 2**24 floats = 64 MiB.
+MAX_CHUNK_ELEMENTS = 2**24
+
+
+def shift_targets(labels: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Next-token targets and masks for ``[B, T]`` labels (−100 off the response) and attention mask.
+
+    Returns ``targets`` (``[B, T-1]`` long, −100 kept), ``response_mask`` and ``nonpad_mask`` (``[B, T-1]`` bool).
+    """
+    targets = labels[:, 1:]  # [B, T-1]
+    nonpad_mask = attention_mask[:, 1:].bool()  # [B, T-1]
+    response_mask = (targets != IGNORE_INDEX) & nonpad_mask  # [B, T-1]
+    return targets, response_mask, nonpad_mask
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> Tensor:
+    """Differentiable per-token cross-entropy in fp32, ``[B, T-1]``, 0 outside the response; logits ``[B, T, V]``."""
+    targets, response_mask, _ = shift_targets(labels, attention_mask)
+    shifted = logits[:, :-1].float()  # [B, T-1, V]
+    ce = F.cross_entropy(shifted.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.view_as(targets) * response_mask
+
+
+def _chunked_nll_entropy(
+    logits_of: Callable[[int, int], Tensor],
+    targets: Tensor,
+    response_mask: Tensor,
+    nonpad_mask: Tensor,
+    vocab_size: int,
+    chunk_positions: int | None,
+) -> tuple[Tensor, Tensor]:
+    """NLL and entropy by chunks of positions; ``logits_of(s, e)``: the ``[B, e-s, V]`` logits for targets s..e-1."""
+    batch, length = targets.shape
+    if chunk_positions is None:
+        chunk_positions = max(1, MAX_CHUNK_ELEMENTS // max(1, batch * vocab_size))
+    token_nll = torch.zeros(batch, length, dtype=torch.float32, device=targets.device)  # [B, T-1]
+    token_entropy = torch.zeros_like(token_nll)  # [B, T-1]
+    safe_targets = targets.clamp(min=0)  # −100 would index out of range; masked below
+    for start in range(0, length, chunk_positions):
+        end = min(start + chunk_positions, length)
+        log_probs = torch.log_softmax(logits_of(start, end).float(), dim=-1)  # [B, c, V]
+        nll = -log_probs.gather(-1, safe_targets[:, start:end, None]).squeeze(-1)  # [B, c]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [B, c]
+        token_nll[:, start:end] = nll * response_mask[:, start:end]
+        token_entropy[:, start:end] = entropy * nonpad_mask[:, start:end]
+    return token_nll, token_entropy
+
+
+@dataclass
+class BatchStats:
+    """What a pruning policy sees of a batch; ``token_nll``/``token_entropy`` are None if it needs no scores."""
+
+    response_mask: Tensor  # [B, T-1] bool: the target is a response token (label != -100) and not padding
+    nonpad_mask: Tensor  # [B, T-1] bool: the target is not padding
+    token_nll: Tensor | None = None  # [B, T-1] fp32, −log p(label), 0 outside the response
+    token_entropy: Tensor | None = None  # [B, T-1] fp32, full-vocabulary entropy (nats), 0 at padding
+    sample_idx: Tensor | None = None  # [B] dataset index of each row
+    ref_nll: Tensor | None = None  # [B, T-1] fp32, a reference model's NLL (Rho-1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_mask.shape[0]
+
+    @classmethod
+    def from_masks(cls, labels: Tensor, attention_mask: Tensor, sample_idx: Tensor | None = None) -> BatchStats:
+        """Masks only, for policies that decide without looking at the model (``needs_scores = False``)."""
+        _, response_mask, nonpad_mask = shift_targets(labels, attention_mask)
+        return cls(response_mask=response_mask, nonpad_mask=nonpad_mask, sample_idx=sample_idx)
+
+    @classmethod
+    def from_logits(
+        cls,
+        logits: Tensor,
+        labels: Tensor,
+        attention_mask: Tensor,
+        sample_idx: Tensor | None = None,
+        chunk_positions: int | None = None,
+    ) -> BatchStats:
+        """Statistics from ``[B, T, V]`` logits in any dtype; each chunk of positions is upcast to fp32 on its own."""
+        targets, response_mask, nonpad_mask = shift_targets(labels, attention_mask)
+        logits = logits.detach()
+        token_nll, token_entropy = _chunked_nll_entropy(
+            lambda s, e: logits[:, s:e], targets, response_mask, nonpad_mask, logits.shape[-1], chunk_positions
+        )
+        return cls(response_mask, nonpad_mask, token_nll=token_nll, token_entropy=token_entropy, sample_idx=sample_idx)
+
+    @classmethod
+    def from_hidden_states(
+        cls,
+        hidden_states: Tensor,
+        lm_head: torch.nn.Module,
+        labels: Tensor,
+        attention_mask: Tensor,
+        sample_idx: Tensor | None = None,
+        chunk_positions: int | None = None,
+    ) -> BatchStats:
+        """Statistics from the final ``[B, T, H]`` hidden states; the LM head runs chunk by chunk (no full logits)."""
+        targets, response_mask, nonpad_mask = shift_targets(labels, attention_mask)
+        hidden_states = hidden_states.detach()
+        token_nll, token_entropy = _chunked_nll_entropy(
+            lambda s, e: lm_head(hidden_states[:, s:e]),
+            targets,
+            response_mask,
+            nonpad_mask,
+            lm_head.out_features,
+            chunk_positions,
+        )
+        return cls(response_mask, nonpad_mask, token_nll=token_nll, token_entropy=token_entropy, sample_idx=sample_idx)
+
+    def sample_ppl(self) -> Tensor:
+        """``[B]`` fp32: exp of the mean response NLL (a row without response tokens gets exp(0) = 1)."""
+        if self.token_nll is None:
+            raise ValueError("sample_ppl needs token_nll: the policy must set needs_scores = True")
+        n_resp = self.response_mask.sum(1).clamp(min=1)  # [B]
+        return torch.exp((self.token_nll * self.response_mask).sum(1) / n_resp)
+
+    def sample_entropy(self, scope: str = "nonpad") -> Tensor:
+        """``[B]`` fp32: mean token entropy over non-pad positions (the authors' code) or over response positions."""
+        if self.token_entropy is None:
+            raise ValueError("sample_entropy needs token_entropy: the policy must set needs_scores = True")
+        if scope not in ("nonpad", "response"):
+            raise ValueError(f"entropy scope must be 'nonpad' or 'response', got {scope!r}")
+        mask = self.nonpad_mask if scope == "nonpad" else self.response_mask  # [B, T-1]
+        return (self.token_entropy * mask).sum(1) / mask.sum(1).clamp(min=1)

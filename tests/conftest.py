@@ -1,0 +1,80 @@
+"""Shared fixtures: offline environment, the character tokenizer, and the composed training config (tiny model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY_DATA = FIXTURES / "tiny_sft.jsonl"
+
+# Tiny runs: the fixture data, no logger or checkpoint callback unless a test asks for one.
+TINY_OVERRIDES = [
+    "model=tiny_llama",
+    "data=file",
+    f"data.path={TINY_DATA}",
+    "data.format=prompt_completion",
+    "data.val_size=8",
+    "data.batch_size=4",
+    "data.max_length=64",
+    "logger=none",
+    "callbacks=none",
+    "trainer.max_steps=3",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "save_model=false",
+]
+
+os.environ.update(OFFLINE_ENV)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def char_tokenizer():
+    from qtuning.models import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """``conf/train.yaml`` composed with overrides, its Hydra node set so ``${hydra:...}`` resolves."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = os.environ.get("QTUNING_CACHE_DIR", "~/.cache/qtuning")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path):
+    """A factory: ``tiny_cfg("pruner=random", ...)`` gives a composed tiny-model config writing into tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_train([*TINY_OVERRIDES, *overrides], tmp_path)
+
+    yield make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,71 @@
+"""Every config file composes, and the parts that build on a CPU machine instantiate."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import instantiate
+
+from qtuning.errors import QTuningError
+from qtuning.train import check_config
+from tests.conftest import CONF_DIR, TINY_OVERRIDES, compose_train
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+GROUPS = ["model", "data", "pruner", "budget", "trainer", "logger", "callbacks", "experiment", "sweep", "debug"]
+ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def test_every_group_has_options():
+    assert all(options(g) for g in GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes(tmp_path, group, option):
+    cfg = compose_train([f"{group}={option}"], tmp_path)
+    assert cfg.model.name and cfg.trainer._target_
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("option", options("pruner"))
+def test_every_pruner_instantiates(tmp_path, option):
+    cfg = compose_train([*TINY_OVERRIDES, f"pruner={option}", "budget=s25_t50"], tmp_path)
+    from qtuning.pruning import PruningPolicy
+
+    assert isinstance(instantiate(cfg.pruner), PruningPolicy)
+
+
+@pytest.mark.parametrize("option", ["default", "cpu"])
+def test_cpu_trainers_instantiate(tmp_path, option):
+    cfg = compose_train([*TINY_OVERRIDES, f"trainer={option}"], tmp_path)
+    trainer = instantiate(cfg.trainer)
+    assert trainer.max_steps == 3
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_loggers_instantiate(tmp_path, option):
+    from qtuning.loggers import build_loggers
+
+    cfg = compose_train([*TINY_OVERRIDES, f"logger={option}"], tmp_path)
+    assert len(build_loggers(cfg)) == (0 if option == "none" else 1)
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callbacks_instantiate(tmp_path, option):
+    cfg = compose_train([*TINY_OVERRIDES, f"callbacks={option}"], tmp_path)
+    assert all(instantiate(c) is not None for c in (cfg.callbacks or {}).values())
+
+
+def test_model_presets_point_at_the_papers_models(tmp_path):
+    names = {o: compose_train([f"model={o}"], tmp_path).model for o in ("llama2_7b", "mistral_7b", "llama3_8b")}
+    assert all(m.lora.enabled and m.dtype == "bf16" and m.chat_template == "plain" for m in names.values())
+
+
+@pytest.mark.parametrize("key", ["r_sample", "r_token"])
+@pytest.mark.parametrize("value", [0, 1.5, -1])
+def test_check_config_names_the_bad_ratio(tmp_path, key, value):
+    cfg = compose_train([f"budget.{key}={value}"], tmp_path)
+    with pytest.raises(QTuningError, match=rf"budget\.{key}={value} must be a number in \(0, 1\]"):
+        check_config(cfg)

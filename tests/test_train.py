@@ -1,0 +1,230 @@
+"""End-to-end training on the tiny model: exact gradients, accumulation, policies, resume, and the CLI's errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from qtuning.models import build_model, build_tokenizer
+from qtuning.module import select_rows
+from qtuning.pruning import BatchStats, token_cross_entropy
+from qtuning.train import train
+from tests.conftest import ROOT, TINY_DATA, TINY_OVERRIDES
+
+# SGD with lr 1 and no clipping: the parameter change of one step is exactly minus the gradient.
+PLAIN_SGD = [
+    "optimizer._target_=torch.optim.SGD",
+    "optimizer.lr=1.0",
+    "~optimizer.weight_decay",
+    "~scheduler",
+    "trainer.gradient_clip_val=null",
+    "validate_before_fit=false",
+]
+
+
+def test_select_rows_trims_to_the_kept_rows_longest_sequence():
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0], [7, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]),
+        "labels": torch.tensor([[-100, 2, 3, 4], [-100, 6, -100, -100], [-100, 8, 9, -100]]),
+        "sample_idx": torch.tensor([10, 11, 12]),
+    }
+    kept = select_rows(batch, torch.tensor([1, 2]))
+    assert kept["input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
+    assert kept["labels"].tolist() == [[-100, 6, -100], [-100, 8, 9]]
+    assert kept["sample_idx"].tolist() == [11, 12]
+
+
+def reference_gradient(cfg, n_batches: int) -> dict[str, torch.Tensor]:
+    """Σ ce·w / Σ w over the first n batches, by a full-batch forward with dropped rows masked out."""
+    tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
+    model = build_model(cfg.model, cfg.paths.cache_dir, vocab_size=len(tokenizer), seed=cfg.seed)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    policy = instantiate(cfg.pruner)
+    loss_sum, tokens = 0.0, 0.0
+    for _, batch in zip(range(n_batches), datamodule.train_dataloader(), strict=False):
+        decision = policy.select(BatchStats.from_masks(batch["labels"], batch["attention_mask"]))
+        ce = token_cross_entropy(
+            model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+            batch["attention_mask"],
+        )
+        loss_sum = loss_sum + (ce * decision.token_keep).sum()
+        tokens += float(decision.token_keep.sum())
+    (loss_sum / tokens).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "n_batches"),
+    [
+        (["pruner=none"], 1),
+        (["pruner=random", "budget=s50_t70"], 1),
+        # Two micro-batches of different token counts: the loss is normalised over both, not averaged per batch.
+        (["pruner=random", "budget=s50_t70", "trainer.accumulate_grad_batches=2"], 2),
+    ],
+    ids=["none", "random", "random-accumulate2"],
+)
+def test_one_step_applies_the_exact_token_normalised_gradient(tiny_cfg, overrides, n_batches):
+    cfg = tiny_cfg(*PLAIN_SGD, *overrides, "trainer.max_steps=1", "data.val_size=0")
+    expected = reference_gradient(cfg, n_batches)
+    before = {k: v.clone() for k, v in build_model(cfg.model, "", vocab_size=104, seed=cfg.seed).named_parameters()}
+    _, objects = train(cfg)
+    after = dict(objects["module"].model.named_parameters())
+    for name, grad in expected.items():
+        torch.testing.assert_close(before[name] - after[name].detach(), grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pruner", ["none", "random"])
+def test_fast_dev_run_for_each_policy(tiny_cfg, pruner):
+    # No warm-up schedule here: its first step has lr 0.
+    cfg = tiny_cfg(f"pruner={pruner}", "budget=s25_t50", "trainer.fast_dev_run=true", "~scheduler")
+    before = [p.clone() for p in build_model(cfg.model, "", vocab_size=104, seed=cfg.seed).parameters()]
+    metrics, objects = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert metrics["train/loss"] > 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, objects["module"].model.parameters(), strict=True)]
+    assert all(changed)
+
+
+def test_validation_loss_and_metrics_file(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("pruner=none", "trainer.max_steps=4", "optimizer.lr=0.01")
+    metrics, _ = train(cfg)
+    assert metrics["val/loss"] < metrics["val/loss_start"]
+    assert metrics["val/ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["val/loss"])).item(), rel=1e-5)
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_resume_restores_the_policy_state(tiny_cfg, tmp_path):
+    from lightning.pytorch import Callback
+
+    checkpointing = [
+        "callbacks=default",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "trainer.enable_progress_bar=false",
+    ]
+    first_cfg = tiny_cfg("pruner=random", "budget=s25_t50", "trainer.max_steps=2", *checkpointing)
+    _, first = train(first_cfg)
+    saved_state = first["policy"].state_dict()["generator"]
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class RecordPolicyState(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["state"] = pl_module.policy.generator.get_state()
+
+    resumed_cfg = tiny_cfg(
+        "pruner=random", "budget=s25_t50", "trainer.max_steps=4", f"ckpt_path={ckpt}", *checkpointing
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        import qtuning.train as train_module
+
+        original = train_module._instantiate
+
+        def with_recorder(node, key, **kwargs):
+            if key == "trainer":
+                kwargs["callbacks"] = [*kwargs["callbacks"], RecordPolicyState()]
+            return original(node, key, **kwargs)
+
+        mp.setattr(train_module, "_instantiate", with_recorder)
+        _, resumed = train(resumed_cfg)
+    fresh_state = torch.Generator().manual_seed(resumed_cfg.seed).get_state()
+    assert torch.equal(seen["state"], saved_state)
+    assert not torch.equal(saved_state, fresh_state)
+    assert resumed["trainer"].global_step == 4
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qtuning.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def tiny_cli_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [*TINY_OVERRIDES, f"hydra.run.dir={tmp_path}/run", *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["budget.r_sample=1.5"], r"error: budget\.r_sample=1\.5 must be a number in \(0, 1\]"),
+        (["budget.r_token=0"], r"error: budget\.r_token=0 must be a number in \(0, 1\]"),
+        (["pruner=random", "pruner.r_sample=2"], r"error: pruner: r_sample=2(\.0)? must be in \(0, 1\]"),
+        (
+            ["model=hf", "model.name_or_path=/nonexistent/model"],
+            r"error: model\.name_or_path=/nonexistent/model: no such",
+        ),
+    ],
+    ids=["ratio-1.5", "ratio-0", "pruner-ratio", "missing-model"],
+)
+def test_cli_bad_config_one_clear_line(tmp_path, extra, message):
+    result = run_cli(*tiny_cli_args(tmp_path, *extra))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert any(__import__("re").search(message, line) for line in result.stderr.splitlines()), result.stderr
+
+
+def test_cli_bad_data_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(TINY_DATA.read_text().splitlines()[0] + '\n{"prompt": "x", "completion": \n')
+    result = run_cli(*tiny_cli_args(tmp_path, f"data.path={bad}"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: {bad}:2: malformed JSON" in result.stderr
+
+
+def test_cli_unknown_pruner_lists_the_options(tmp_path):
+    result = run_cli(*tiny_cli_args(tmp_path, "pruner=nonsense"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Could not find 'pruner/nonsense'" in result.stderr and "random" in result.stderr
+
+
+def test_multirun_gives_one_wandb_run_per_job_in_one_group(tmp_path):
+    from qtuning.loggers import read_offline_run
+
+    sweep_dir = tmp_path / "sweep"
+    args = [a for a in TINY_OVERRIDES if not a.startswith("logger=")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qtuning.train",
+            "-m",
+            *args,
+            "pruner=none,random",
+            "budget=s25_t50,s50_t70",
+            "trainer.max_steps=2",
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 4
+    identities, logged_keys = [], set()
+    for run_file in runs:
+        for record in read_offline_run(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                identities.append((record.run.run_group, record.run.display_name, record.run.run_id))
+            elif kind == "history":
+                logged_keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    assert len(identities) == 4
+    assert {group for group, _, _ in identities} == {sweep_dir.name}
+    assert len({name for _, name, _ in identities}) == 4 and len({rid for _, _, rid in identities}) == 4
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "val/loss", "prune/kept_samples"} <= logged_keys
