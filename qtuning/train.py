@@ -9,12 +9,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import wandb
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -81,10 +83,36 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     callbacks = [policy, *(_instantiate(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        metrics = fit_and_validate(cfg, trainer, module, datamodule)
+        wandb_note = describe_wandb(loggers)
+    finally:
+        wandb.finish()  # one W&B run per job, also when a multirun runs its jobs in one process
+    metrics["runtime_s"] = time.time() - started
 
+    if trainer.is_global_zero:
+        if cfg.save_model:
+            save_hf_model(model, tokenizer, output_dir / "hf_model")
+        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    objects = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "module": module,
+        "policy": policy,
+        "trainer": trainer,
+        "loggers": loggers,
+        "wandb_note": wandb_note,
+    }
+    return metrics, objects
+
+
+def fit_and_validate(
+    cfg: DictConfig, trainer: L.Trainer, module: SFTModule, datamodule: L.LightningDataModule
+) -> dict[str, float]:
+    """Validate (step 0), fit, validate again; the metrics of both ends."""
     metrics: dict[str, float] = {}
     has_val = len(datamodule.val_examples) > 0
     if has_val and cfg.validate_before_fit:
@@ -94,35 +122,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if has_val:
         end = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({"val/loss": end["val/loss"], "val/ppl": end["val/ppl"]})
-    metrics.update({"trainer/global_step": trainer.global_step, "runtime_s": time.time() - started})
+    metrics["trainer/global_step"] = trainer.global_step
+    return metrics
 
-    if trainer.is_global_zero:
-        if cfg.save_model:
-            model.save_pretrained(output_dir / "hf_model")
-            tokenizer.save_pretrained(output_dir / "hf_model")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    objects = {
-        "cfg": cfg,
-        "datamodule": datamodule,
-        "module": module,
-        "policy": policy,
-        "trainer": trainer,
-        "loggers": loggers,
-    }
-    return metrics, objects
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a killed run never leaves a truncated file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def save_hf_model(model: Any, tokenizer: Any, target: Path) -> None:
+    """``save_pretrained`` into a staging directory, then move it into place."""
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_bad_input
 def main(cfg: DictConfig) -> float | None:
-    import wandb
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        metrics, objects = train(cfg)
-        wandb_note = describe_wandb(objects["loggers"])
-    finally:
-        wandb.finish()  # one W&B run per job, also in a multirun that shares this process
+    metrics, objects = train(cfg)
     start = metrics.get("val/loss_start")
     if "val/loss" in metrics:
         log.info(
@@ -132,8 +157,8 @@ def main(cfg: DictConfig) -> float | None:
             metrics["val/ppl"],
         )
     log.info("outputs: %s (metrics.json, checkpoints/, hf_model/)", cfg.paths.output_dir)
-    if wandb_note:
-        log.info(wandb_note)
+    if objects["wandb_note"]:
+        log.info(objects["wandb_note"])
     return metrics.get(cfg.get("optimized_metric") or "val/loss")
 
 

@@ -80,6 +80,7 @@ def build_model(cfg: Any, cache_dir: str, vocab_size: int, seed: int = 0) -> Any
             )
         except OSError as err:
             raise QTuningError(f"model.name_or_path={path}: cannot load the model: {err}") from None
+    model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it is given
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -36,8 +37,6 @@ def build_tiny_llama(
     seed: int = 0,
 ) -> LlamaForCausalLM:
     """A random-init Llama (seeded), small enough for a CPU step in milliseconds."""
-    import torch
-
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
