@@ -58,41 +58,66 @@ class SFTModule(LightningModule):
         self._window_tokens = torch.zeros(())
         self._window_input_tokens = 0
         self._step_started: float | None = None
+        self.last_stats: BatchStats | None = None
+        self.last_decision: PruneDecision | None = None
 
     # ---- training ---------------------------------------------------------------------------------------------
 
-    def batch_stats(self, batch: Batch) -> BatchStats:
-        """What the policy sees: masks, plus NLL and entropy from a no-grad forward if the policy needs scores."""
-        if not self.policy.needs_scores:
-            return BatchStats.from_masks(batch["labels"], batch["attention_mask"], batch["sample_idx"])
+    def score(self, batch: Batch) -> BatchStats:
+        """No-grad scoring forward: the backbone, then the LM head chunk by chunk (no ``[B, T, V]`` logits)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
         with torch.no_grad():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"], batch["sample_idx"])
+            hidden = base.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # [B, T, H]
+            return BatchStats.from_hidden_states(
+                hidden, base.get_output_embeddings(), batch["labels"], batch["attention_mask"], batch["sample_idx"]
+            )
+
+    def forward_kept(self, batch: Batch) -> tuple[Tensor, Tensor, BatchStats, PruneDecision, int]:
+        """Decide, then forward the rows that count; returns (ce, weights, stats, decision, forward positions).
+
+        ``separate``: a no-grad scoring pass, then a grad forward over the kept rows only (re-padded).
+        ``shared``: one grad forward over the whole batch, statistics from its detached logits, pruning by mask.
+        """
+        labels, mask = batch["labels"], batch["attention_mask"]
+        if self.policy.needs_scores and self.policy.scoring == "shared":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask).logits  # [B, T, V]
+            stats = BatchStats.from_logits(logits, labels, mask, batch["sample_idx"])
+            decision = self.policy.select(stats)
+            ce = token_cross_entropy(logits, labels, mask)  # [B, T-1]
+            return ce, decision.token_keep.float(), stats, decision, batch["input_ids"].numel()
+        if self.policy.needs_scores:
+            stats = self.score(batch)
+        else:
+            stats = BatchStats.from_masks(labels, mask, batch["sample_idx"])
+        decision = self.policy.select(stats)
+        kept_rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
+        if kept_rows.numel() == 0:
+            raise ValueError(f"{type(self.policy).__name__}.select kept no sample; a policy must keep at least one")
+        kept = select_rows(batch, kept_rows)
+        logits = self.model(input_ids=kept["input_ids"], attention_mask=kept["attention_mask"]).logits
+        ce = token_cross_entropy(logits, kept["labels"], kept["attention_mask"])  # [K, T'-1]
+        weight = decision.token_keep[kept_rows, : ce.shape[1]].float()  # [K, T'-1]
+        scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
+        return ce, weight, stats, decision, scored + kept["input_ids"].numel()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        stats = self.batch_stats(batch)
-        decision: PruneDecision = self.policy.select(stats)
-        kept_rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
-        kept = select_rows(batch, kept_rows)
-        token_weight = decision.token_keep[kept_rows, : kept["input_ids"].shape[1] - 1].float()  # [K, T'-1]
-
-        logits = self.model(input_ids=kept["input_ids"], attention_mask=kept["attention_mask"]).logits
-        ce = token_cross_entropy(logits, kept["labels"], kept["attention_mask"])  # [K, T'-1]
-        loss_sum = (ce * token_weight).sum()
+        ce, weight, stats, decision, fwd_tokens = self.forward_kept(batch)
+        loss_sum = (ce * weight).sum()
         self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
-        self._window_tokens = self._window_tokens.to(loss_sum.device) + token_weight.sum()
-
-        bwd_tokens = kept["attention_mask"].sum()
-        scored_tokens = stats.nonpad_mask.sum() if self.policy.needs_scores else 0
+        self._window_tokens = self._window_tokens.to(loss_sum.device) + weight.sum()
         self._window_input_tokens += int(batch["attention_mask"].sum())
+        self.last_stats, self.last_decision = stats, decision  # for the dashboard callback
         self.log_dict(
             {
                 "prune/kept_samples": decision.sample_keep.float().mean(),
                 "prune/kept_tokens": decision.token_keep.sum() / stats.nonpad_mask.sum().clamp(min=1),
-                "prune/fwd_tokens": (bwd_tokens + scored_tokens).float(),
-                "prune/bwd_tokens": bwd_tokens.float(),
+                # positions (padding included) through all forward passes / through the backward pass
+                "prune/fwd_tokens": float(fwd_tokens),
+                "prune/bwd_tokens": float(ce.shape[0] * (ce.shape[1] + 1)),
                 **{f"prune/{k}": float(v) for k, v in decision.metrics.items()},
             },
             on_step=True,
@@ -141,6 +166,18 @@ class SFTModule(LightningModule):
         loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+
+    # ---- checkpoints: frozen weights (the base model under LoRA) are rebuilt from the config, not saved ---------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        if frozen:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            checkpoint["frozen_weights_omitted"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("frozen_weights_omitted"):
+            checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
     # ---- optimisation ------------------------------------------------------------------------------------------
 

@@ -228,3 +228,16 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group(tmp_path):
     assert {group for group, _, _ in identities} == {sweep_dir.name}
     assert len({name for _, name, _ in identities}) == 4 and len({rid for _, _, rid in identities}) == 4
     assert {"train/loss", "train/lr", "train/tokens_per_s", "val/loss", "prune/kept_samples"} <= logged_keys
+
+
+def test_lora_checkpoint_holds_only_the_adapter_and_resumes(tiny_cfg, tmp_path):
+    lora = ["model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]", "callbacks=default"]
+    _, first = train(tiny_cfg(*lora, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2"))
+    ckpt_file = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt_file, weights_only=False)["state_dict"]
+    assert saved and all("lora_" in key for key in saved)
+    trained = {k: v.detach().clone() for k, v in first["module"].state_dict().items() if k in saved}
+    _, resumed = train(tiny_cfg(*lora, "trainer.max_steps=2", f"ckpt_path={ckpt_file}"))
+    state = resumed["module"].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+    assert resumed["trainer"].global_step == 2

@@ -15,6 +15,7 @@ from torch import Tensor
 from qtuning.pruning.stats import BatchStats
 
 LOSS_NORMS = ("response", "nonpad")
+SCORINGS = ("separate", "shared")
 
 
 @dataclass
@@ -55,8 +56,11 @@ class PruningPolicy(Callback, ABC):
     #: Whether `select` needs `token_nll`/`token_entropy`, i.e. a scoring forward before the training forward.
     needs_scores: bool = False
 
-    def __init__(self, loss_norm: str = "response") -> None:
+    def __init__(self, loss_norm: str = "response", scoring: str = "separate") -> None:
         self.loss_norm = check_choice("loss_norm", loss_norm, LOSS_NORMS)
+        #: How a policy that needs scores gets them: ``separate`` (a no-grad scoring pass, then forward/backward
+        #: over the kept rows only) or ``shared`` (the authors': one full forward, pruning only masks the loss).
+        self.scoring = check_choice("scoring", scoring, SCORINGS)
 
     @abstractmethod
     def select(self, stats: BatchStats) -> PruneDecision:

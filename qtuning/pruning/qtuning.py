@@ -1,0 +1,242 @@
+"""Q-Tuning (arXiv 2509.23873): Error–Uncertainty triage of samples, then asymmetric token pruning.
+
+Every rule here follows SPEC §2–5, which follows the authors' code; each step is a small pure function over tensors:
+1. `sample_scores`: PPL (error) and mean entropy (uncertainty) of each sample.
+2. `bisect_bands`: the band width q whose outer bands (Q2: top-q PPL ∩ bottom-q entropy; Q4: bottom-q PPL ∩
+   top-q entropy) hold about r_sample of the batch.
+3. `fill_up`: tops the kept set up to K = max(1, round(B · r_sample)) by |ppl_n − ent_n|; never truncates.
+4. `token_scores` and `tokens_to_drop`: in Q2 and Q2-like samples only, drop the response tokens whose own and
+   neighbours' perplexity is highest, within a batch-level (default) or per-sample budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qtuning.pruning.base import PruneDecision, PruningPolicy, check_choice, check_ratio, loss_positions
+from qtuning.pruning.random_sample import keep_count
+from qtuning.pruning.stats import BatchStats
+
+
+def band_masks(ppl: Tensor, ent: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """Q2 = top-q PPL ∩ bottom-q entropy; Q4 = bottom-q PPL ∩ top-q entropy (linear-interpolation quantiles)."""
+    q2 = (ppl > torch.quantile(ppl, 1 - q)) & (ent <= torch.quantile(ent, q))
+    q4 = (ppl <= torch.quantile(ppl, q)) & (ent > torch.quantile(ent, 1 - q))
+    return q2, q4
+
+
+def bisect_bands(
+    ppl: Tensor, ent: Tensor, r_sample: float, iters: int = 10, tol: float = 0.01, q_max: float = 0.49
+) -> tuple[Tensor, Tensor, float]:
+    """Bisection over one band width q ∈ [0, q_max] (the same q on both axes); the last iteration's Q2, Q4 and q."""
+    lo, hi = 0.0, q_max
+    batch = ppl.numel()
+    for _ in range(iters):
+        q = (lo + hi) / 2
+        q2, q4 = band_masks(ppl, ent, q)
+        frac = float(q2.sum() + q4.sum()) / batch
+        if abs(frac - r_sample) < tol:
+            break
+        if frac < r_sample:
+            lo = q
+        else:
+            hi = q
+    return q2, q4, q
+
+
+def min_max(x: Tensor) -> Tensor:
+    """Scale to [0, 1] within the batch; a constant vector becomes 0."""
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+
+
+def fill_up(ppl: Tensor, ent: Tensor, kept: Tensor, q2like: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
+    """Add the K − |kept| other samples with the largest |ppl_n − ent_n| (ties: lower index first).
+
+    An added sample is Q2-like (its tokens may be pruned) if ppl_n ≥ ent_n, else Q4-like. Returns the new kept and
+    Q2-like masks and the number added.
+    """
+    missing = k - int(kept.sum())
+    if missing <= 0:
+        return kept, q2like, 0
+    ppl_n, ent_n = min_max(ppl), min_max(ent)
+    score = (ppl_n - ent_n).abs().masked_fill(kept, -math.inf)
+    added = torch.sort(score, descending=True, stable=True).indices[:missing]
+    kept, q2like = kept.clone(), q2like.clone()
+    kept[added] = True
+    q2like[added] = ppl_n[added] >= ent_n[added]
+    return kept, q2like, missing
+
+
+def token_scores(token_nll: Tensor, response_mask: Tensor, lam: float, neighbor_mean: bool = False) -> Tensor:
+    """``[B, T-1]``: s_i = (1 − λ)·p_i + λ·(p_{i−1} + p_{i+1}), p = exp(nll) on the response, 0 elsewhere and beyond."""
+    p = torch.exp(token_nll) * response_mask  # [B, T-1]
+    neighbors = F.pad(p[:, :-1], (1, 0)) + F.pad(p[:, 1:], (0, 1))  # p_{i-1} + p_{i+1}, zero past the ends
+    if neighbor_mean:
+        neighbors = neighbors / 2
+    return (1 - lam) * p + lam * neighbors
+
+
+def drop_highest(scores: Tensor, candidates: Tensor, n_drop: int) -> Tensor:
+    """``[B, T-1]`` bool: the ``n_drop`` highest-scoring candidates across the batch (ties: lower flat index)."""
+    flat = scores.masked_fill(~candidates, -math.inf).flatten()
+    dropped = torch.zeros_like(flat, dtype=torch.bool)
+    dropped[torch.sort(flat, descending=True, stable=True).indices[:n_drop]] = True
+    return dropped.view_as(candidates)
+
+
+def drop_per_sample(scores: Tensor, candidates: Tensor, r_token: float) -> Tensor:
+    """``[B, T-1]`` bool: per row, all candidates but the ceil(r_token · n) lowest-scoring (ties: lower index)."""
+    keep_n = torch.ceil(r_token * candidates.sum(1)).long()  # [B]
+    order = torch.sort(scores.masked_fill(~candidates, math.inf), dim=1, stable=True).indices  # ascending
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return candidates & (rank >= keep_n[:, None])
+
+
+def median_quadrants(ppl: Tensor, ent: Tensor) -> Tensor:
+    """``[B]`` int 1–4 by the batch medians (``>`` median is high): Q1 high/high, Q2 high PPL/low entropy, Q3
+    low/low, Q4 low PPL/high entropy."""
+    high_ppl = ppl > torch.quantile(ppl, 0.5)
+    high_ent = ent > torch.quantile(ent, 0.5)
+    quadrant = torch.full_like(ppl, 3, dtype=torch.long)
+    quadrant[high_ppl & high_ent] = 1
+    quadrant[high_ppl & ~high_ent] = 2
+    quadrant[~high_ppl & high_ent] = 4
+    return quadrant
+
+
+@dataclass
+class Triage:
+    """Stage 1's outcome for one batch."""
+
+    kept: Tensor  # [B] bool
+    q2like: Tensor  # [B] bool: kept samples whose tokens may be pruned (Q2 and Q2-like fill-ups)
+    band_q2: Tensor  # [B] bool: Q2 by the bands
+    band_q4: Tensor  # [B] bool: Q4 by the bands
+    band_q: float
+    filled: int
+
+
+def triage(
+    ppl: Tensor,
+    ent: Tensor,
+    r_sample: float,
+    iters: int = 10,
+    tol: float = 0.01,
+    q_max: float = 0.49,
+    use_fill_up: bool = True,
+) -> Triage:
+    """Stage 1 (SPEC §3): bands by bisection, then the fill-up to K."""
+    q2, q4, q = bisect_bands(ppl, ent, r_sample, iters, tol, q_max)
+    kept, q2like, filled = q2 | q4, q2.clone(), 0
+    if use_fill_up:
+        kept, q2like, filled = fill_up(ppl, ent, kept, q2like, keep_count(ppl.numel(), r_sample))
+    return Triage(kept, q2like, q2, q4, q, filled)
+
+
+class QTuningPolicy(PruningPolicy):
+    """Q-Tuning with the authors' choices as defaults (SPEC §2–5).
+
+    Args:
+        sample_keep_ratio: r_sample, the target fraction of samples kept.
+        token_keep_ratio: r_token; 1 prunes no token.
+        lam: λ, the weight of the neighbours in the token score.
+        neighbor_mean: divide the neighbour sum by 2 (the slime port's form) instead of the authors' plain sum.
+        token_budget: ``batch`` (authors): drop ``T_all − round(T_all·r_s·r_t) − removed`` tokens ranked across all
+            Q2/Q2-like responses; ``per_sample``: keep ceil(r_token · n_resp) tokens of each Q2/Q2-like sample.
+        entropy_scope: average the entropy over ``nonpad`` positions (authors) or ``response`` positions.
+        loss_norm: the loss denominator counts ``nonpad`` positions of kept samples (authors) or ``response`` ones.
+        bisect_iters, bisect_tol, q_max: the bisection over the band width.
+        fill_up: top the kept set up to K samples.
+        scoring: ``separate`` or ``shared`` (see `PruningPolicy.scoring`).
+    """
+
+    needs_scores = True
+
+    def __init__(
+        self,
+        sample_keep_ratio: float,
+        token_keep_ratio: float,
+        lam: float = 0.5,
+        neighbor_mean: bool = False,
+        token_budget: str = "batch",
+        entropy_scope: str = "nonpad",
+        loss_norm: str = "nonpad",
+        bisect_iters: int = 10,
+        bisect_tol: float = 0.01,
+        q_max: float = 0.49,
+        fill_up: bool = True,
+        scoring: str = "separate",
+    ) -> None:
+        super().__init__(loss_norm, scoring)
+        self.r_sample = check_ratio("sample_keep_ratio", sample_keep_ratio)
+        self.r_token = check_ratio("token_keep_ratio", token_keep_ratio)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam={lam} must be in [0, 1]")
+        if not 0.0 < q_max < 0.5:
+            raise ValueError(f"q_max={q_max} must be in (0, 0.5)")
+        if bisect_iters < 1:
+            raise ValueError(f"bisect_iters={bisect_iters} must be at least 1")
+        self.lam, self.neighbor_mean = float(lam), bool(neighbor_mean)
+        self.token_budget = check_choice("token_budget", token_budget, ("batch", "per_sample"))
+        self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
+        self.bisect_iters, self.bisect_tol, self.q_max = bisect_iters, bisect_tol, q_max
+        self.fill_up = bool(fill_up)
+
+    def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
+        """Stage 2 (SPEC §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the loss."""
+        candidates = stats.response_mask & (result.kept & result.q2like)[:, None]  # [B, T-1]
+        if self.r_token >= 1.0:
+            return torch.zeros_like(candidates)
+        scores = token_scores(stats.token_nll, stats.response_mask, self.lam, self.neighbor_mean)
+        if self.token_budget == "per_sample":
+            return drop_per_sample(scores, candidates, self.r_token)
+        total = int(stats.nonpad_mask.sum())
+        target = round(total * self.r_sample * self.r_token)
+        removed = int(stats.nonpad_mask[~result.kept].sum())
+        n_drop = min(max(0, total - target - removed), int(candidates.sum()))
+        return drop_highest(scores, candidates, n_drop)
+
+    def select(self, stats: BatchStats) -> PruneDecision:
+        ppl, ent = stats.sample_ppl(), stats.sample_entropy(self.entropy_scope)  # [B], [B]
+        result = triage(ppl, ent, self.r_sample, self.bisect_iters, self.bisect_tol, self.q_max, self.fill_up)
+        dropped = self.dropped_tokens(stats, result)  # [B, T-1]
+        token_keep = loss_positions(stats, self.loss_norm) & result.kept[:, None] & ~dropped
+        quadrant = median_quadrants(ppl, ent)
+        return PruneDecision(
+            sample_keep=result.kept,
+            token_keep=token_keep,
+            quadrant=quadrant,
+            metrics=self.dashboard(stats, result, dropped, quadrant, ppl, ent),
+        )
+
+    def dashboard(
+        self, stats: BatchStats, result: Triage, dropped: Tensor, quadrant: Tensor, ppl: Tensor, ent: Tensor
+    ) -> dict[str, float]:
+        """Per-step scalars: quadrant populations and means, band width, fill-ups, realised Q2 token keep."""
+        batch = stats.batch_size
+        metrics: dict[str, float] = {
+            "band_q": result.band_q,
+            "filled": float(result.filled),
+            "band_q2": float(result.band_q2.sum()),
+            "band_q4": float(result.band_q4.sum()),
+        }
+        for k in range(1, 5):
+            members = quadrant == k
+            count = int(members.sum())
+            metrics[f"q{k}"] = float(count)
+            metrics[f"q{k}_frac"] = count / batch
+            if count:
+                metrics[f"q{k}_ppl"] = float(ppl[members].mean())
+                metrics[f"q{k}_entropy"] = float(ent[members].mean())
+        q2_resp = stats.response_mask & (result.kept & result.q2like)[:, None]
+        n_q2_resp = int(q2_resp.sum())
+        if n_q2_resp:
+            metrics["q2_resp_token_keep"] = 1.0 - float((dropped & q2_resp).sum()) / n_q2_resp
+        return metrics

@@ -1,0 +1,211 @@
+"""Q-Tuning's rules (SPEC §3–5), each pinned on hand-built inputs with hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qtuning.pruning import BatchStats
+from qtuning.pruning.qtuning import (
+    QTuningPolicy,
+    Triage,
+    band_masks,
+    bisect_bands,
+    fill_up,
+    median_quadrants,
+    token_scores,
+    triage,
+)
+
+# Eight samples: PPL 1..8; entropy chosen so that the highest PPL has the lowest entropy and vice versa.
+PPL = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])
+ENT = torch.tensor([8.0, 3, 4, 5, 6, 7, 2, 1])
+
+
+def idx(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().flatten().tolist()
+
+
+def test_band_membership_for_a_given_q():
+    # q = 0.25: quantile(PPL, .75) = 6.25, quantile(PPL, .25) = 2.75; the same for entropy (a permutation of 1..8).
+    q2, q4 = band_masks(PPL, ENT, 0.25)
+    assert idx(q2) == [6, 7]  # PPL > 6.25 and entropy <= 2.75
+    assert idx(q4) == [0]  # PPL <= 2.75 and entropy > 6.25 (sample 5 has entropy 7 but PPL 6)
+
+
+def test_bisection_moves_one_band_width_until_the_fraction_is_hit():
+    # q = .245 keeps 3/8 (> .25, tighten); q = .1225 keeps {7} and {0} = 2/8, within tolerance: stop.
+    q2, q4, q = bisect_bands(PPL, ENT, r_sample=0.25)
+    assert q == pytest.approx(0.1225)
+    assert idx(q2) == [7] and idx(q4) == [0]
+
+
+@pytest.mark.parametrize(("ratio", "k"), [(0.125, 1), (0.25, 2), (0.5, 4)])
+def test_kept_set_reaches_k_for_b8(ratio, k):
+    # Constant scores: the bands are empty at every q, so the fill-up alone supplies K samples.
+    result = triage(torch.ones(8), torch.ones(8), ratio)
+    assert int(result.kept.sum()) == k
+    assert idx(result.kept) == list(range(k))  # all ties: lower index first
+
+
+def test_fill_up_order_and_q2_like_tagging():
+    ppl = torch.tensor([1.0, 2, 3, 4, 5])
+    ent = torch.tensor([5.0, 1, 3, 2, 4])
+    # ppl_n = [0, .25, .5, .75, 1], ent_n = [1, 0, .5, .25, .75], |diff| = [1, .25, 0, .5, .25].
+    kept = torch.tensor([False, False, True, False, False])
+    new_kept, q2like, added = fill_up(ppl, ent, kept, torch.zeros(5, dtype=torch.bool), k=4)
+    assert added == 3
+    assert idx(new_kept) == [0, 1, 2, 3]  # 0 (1.0), 3 (.5), then 1 before 4 on the .25 tie
+    assert idx(q2like) == [1, 3]  # ppl_n >= ent_n; sample 0 is Q4-like
+
+
+def test_no_truncation_above_k():
+    # r = .125 gives K = 1, but the bands hold {7} and {0} at every q > 0: both stay.
+    result = triage(PPL, ENT, 0.125)
+    assert idx(result.kept) == [0, 7] and result.filled == 0
+
+
+def test_fill_up_switch_off_keeps_only_the_bands():
+    result = triage(torch.ones(8), torch.ones(8), 0.5, use_fill_up=False)
+    assert not result.kept.any()
+
+
+# Token scores: one row, response positions 1..3 with token PPL 2, 4, 3.
+NLL = torch.tensor([[0.0, math.log(2), math.log(4), math.log(3), 0.0]])
+RESP = torch.tensor([[False, True, True, True, False]])
+
+
+def test_token_scores_with_zero_neighbours_at_the_response_edges():
+    scores = token_scores(NLL, RESP, lam=0.5)
+    # s1 = .5*2 + .5*(0 + 4), s2 = .5*4 + .5*(2 + 3), s3 = .5*3 + .5*(4 + 0); outside: neighbours only.
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 3.0, 4.5, 3.5, 1.5]]))
+    halved = token_scores(NLL, RESP, lam=0.5, neighbor_mean=True)
+    torch.testing.assert_close(halved, torch.tensor([[0.5, 2.0, 3.25, 2.5, 0.75]]))
+
+
+def test_lambda_zero_is_token_ppl_alone():
+    torch.testing.assert_close(token_scores(NLL, RESP, lam=0.0), torch.tensor([[0.0, 2.0, 4.0, 3.0, 0.0]]))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_neighbor_mean_equals_plain_sum_at_lambda_prime(lam):
+    # (1-λ')p + (λ'/2)n with λ' = 2λ/(1+λ) is exactly ((1-λ)p + λn) / (1+λ): the same ranking.
+    torch.manual_seed(0)
+    nll, resp = torch.rand(3, 9) * 3, torch.rand(3, 9) > 0.3
+    lam_prime = 2 * lam / (1 + lam)
+    torch.testing.assert_close(
+        token_scores(nll * resp, resp, lam_prime, neighbor_mean=True), token_scores(nll * resp, resp, lam) / (1 + lam)
+    )
+
+
+def budget_stats() -> BatchStats:
+    """4 rows × 6 positions, no padding; response at positions 2..5; with λ = 0 the token score is its PPL."""
+    ppl_tokens = torch.tensor(
+        [
+            [1.0, 1, 2, 9, 4, 7],
+            [1.0, 1, 8, 3, 6, 5],
+            [1.0, 1, 1, 1, 1, 1],
+            [1.0, 1, 1, 1, 1, 1],
+        ]
+    )
+    response = torch.zeros(4, 6, dtype=torch.bool)
+    response[:, 2:] = True
+    return BatchStats(
+        response_mask=response,
+        nonpad_mask=torch.ones(4, 6, dtype=torch.bool),
+        token_nll=ppl_tokens.log() * response,
+        token_entropy=torch.ones(4, 6),
+    )
+
+
+def kept_rows(q2like: list[bool]) -> Triage:
+    kept = torch.tensor([True, True, False, False])
+    return Triage(kept, torch.tensor(q2like + [False, False]), kept, kept, 0.1, 0)
+
+
+def policy(r_sample: float = 0.5, r_token: float = 0.5, **kwargs) -> QTuningPolicy:
+    return QTuningPolicy(r_sample, r_token, lam=0.0, **kwargs)
+
+
+def test_batch_budget_drops_the_highest_scores_across_q2_rows():
+    # T_all 24, target round(24·.5·.5) = 6, removed 12 (rows 2, 3): drop 6 of the 8 candidates, highest PPL first.
+    dropped = policy().dropped_tokens(budget_stats(), kept_rows([True, True]))
+    assert dropped.nonzero().tolist() == [[0, 3], [0, 4], [0, 5], [1, 2], [1, 4], [1, 5]]  # PPL 9,4,7 and 8,6,5
+
+
+def test_batch_budget_runs_out_of_q2_candidates_and_never_touches_q4():
+    # Only row 0 is Q2: 4 candidates for a budget of 6, so all of its response goes; row 1 (Q4) keeps everything.
+    dropped = policy().dropped_tokens(budget_stats(), kept_rows([True, False]))
+    assert dropped[0].tolist() == [False, False, True, True, True, True]
+    assert not dropped[1:].any()
+
+
+def test_token_keep_ratio_one_touches_no_token():
+    # r_sample .25 would leave 24 - 6 - 12 = 6 tokens to drop, but r_token = 1 means no token pruning.
+    assert not policy(0.25, 1.0).dropped_tokens(budget_stats(), kept_rows([True, True])).any()
+
+
+@pytest.mark.parametrize(("r_token", "kept_positions"), [(0.5, [[2, 4], [3, 5]]), (0.7, [[2, 4, 5], [3, 4, 5]])])
+def test_per_sample_budget_keeps_the_lowest_scores_of_each_row(r_token, kept_positions):
+    stats = budget_stats()
+    dropped = policy(r_token=r_token, token_budget="per_sample").dropped_tokens(stats, kept_rows([True, True]))
+    for row, positions in enumerate(kept_positions):  # ceil(r_token · 4) tokens of each Q2 row
+        assert idx(stats.response_mask[row] & ~dropped[row]) == positions
+
+
+def per_sample_stats(ppl: torch.Tensor, ent: torch.Tensor, length: int = 6) -> BatchStats:
+    """Rows whose response tokens (positions 2..) all have NLL log(ppl) and every position entropy ent."""
+    batch = ppl.numel()
+    response = torch.zeros(batch, length, dtype=torch.bool)
+    response[:, 2:] = True
+    nonpad = torch.ones(batch, length, dtype=torch.bool)
+    return BatchStats(
+        response_mask=response,
+        nonpad_mask=nonpad,
+        token_nll=ppl.log()[:, None] * response,
+        token_entropy=ent[:, None].expand(batch, length).clone(),
+    )
+
+
+@pytest.mark.parametrize("loss_norm", ["nonpad", "response"])
+def test_select_end_to_end_and_loss_norm(loss_norm):
+    stats = per_sample_stats(PPL, ENT)
+    decision = QTuningPolicy(0.25, 0.5, loss_norm=loss_norm).select(stats)
+    assert idx(decision.sample_keep) == [0, 7]  # Q4 sample 0, Q2 sample 7 (from the bisection test)
+    base = stats.nonpad_mask if loss_norm == "nonpad" else stats.response_mask
+    assert torch.equal(decision.token_keep[0], base[0])  # Q4: whole
+    # T_all 48, target round(48·.25·.5) = 6, removed 36: drop 6, but Q2 row 7 has only 4 response tokens.
+    assert decision.token_keep[7].tolist() == base[7].tolist()[:2] + [False] * 4
+    assert not decision.token_keep[1:7].any()
+    assert decision.quadrant.tolist() == [4, 3, 3, 4, 1, 1, 2, 2]
+    assert decision.metrics["q2_resp_token_keep"] == 0.0
+    assert decision.metrics["q1"] == 2 and decision.metrics["q4_frac"] == 0.25
+
+
+def test_median_quadrants_by_hand():
+    assert median_quadrants(PPL, ENT).tolist() == [4, 3, 3, 4, 1, 1, 2, 2]
+
+
+def test_select_is_deterministic():
+    torch.manual_seed(3)
+    stats = per_sample_stats(torch.rand(8) * 10 + 1, torch.rand(8) * 5)
+    a, b = QTuningPolicy(0.5, 0.7).select(stats), QTuningPolicy(0.5, 0.7).select(stats)
+    assert torch.equal(a.sample_keep, b.sample_keep) and torch.equal(a.token_keep, b.token_keep)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sample_keep_ratio": 0.0}, r"sample_keep_ratio=0.0 must be in \(0, 1\]"),
+        ({"token_keep_ratio": 1.5}, r"token_keep_ratio=1.5 must be in \(0, 1\]"),
+        ({"lam": 2.0}, r"lam=2.0 must be in \[0, 1\]"),
+        ({"token_budget": "row"}, r"token_budget='row' must be one of batch, per_sample"),
+        ({"entropy_scope": "all"}, r"entropy_scope='all' must be one of nonpad, response"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    args = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        QTuningPolicy(**args)
