@@ -99,3 +99,12 @@ def read_offline_run(run_file: str | Path) -> Iterator[Any]:
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def offline_history_keys(run_file: str | Path) -> set[str]:
+    """Every key logged to the history of an offline run (media keys included, without their sub-fields)."""
+    keys: set[str] = set()
+    for record in read_offline_run(run_file):
+        if record.WhichOneof("record_type") == "history":
+            keys |= {item.key or item.nested_key[0] for item in record.history.item}
+    return keys

@@ -82,10 +82,10 @@ def test_one_step_applies_the_exact_token_normalised_gradient(tiny_cfg, override
         torch.testing.assert_close(before[name] - after[name].detach(), grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("pruner", ["none", "random"])
+@pytest.mark.parametrize("pruner", sorted(p.stem for p in (ROOT / "conf" / "pruner").glob("*.yaml")))
 def test_fast_dev_run_for_each_policy(tiny_cfg, pruner):
     # No warm-up schedule here: its first step has lr 0.
-    cfg = tiny_cfg(f"pruner={pruner}", "budget=s25_t50", "trainer.fast_dev_run=true", "~scheduler")
+    cfg = tiny_cfg(f"pruner={pruner}", "budget=s50_t70", "trainer.fast_dev_run=true", "~scheduler")
     before = [p.clone() for p in build_model(cfg.model, "", vocab_size=104, seed=cfg.seed).parameters()]
     metrics, objects = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -190,7 +190,7 @@ def test_cli_unknown_pruner_lists_the_options(tmp_path):
 
 
 def test_multirun_gives_one_wandb_run_per_job_in_one_group(tmp_path):
-    from qtuning.loggers import read_offline_run
+    from qtuning.loggers import offline_history_keys, read_offline_run
 
     sweep_dir = tmp_path / "sweep"
     args = [a for a in TINY_OVERRIDES if not a.startswith("logger=")]
@@ -216,14 +216,13 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 4
-    identities, logged_keys = [], set()
-    for run_file in runs:
-        for record in read_offline_run(run_file):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                identities.append((record.run.run_group, record.run.display_name, record.run.run_id))
-            elif kind == "history":
-                logged_keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    identities = [
+        (r.run.run_group, r.run.display_name, r.run.run_id)
+        for run_file in runs
+        for r in read_offline_run(run_file)
+        if r.WhichOneof("record_type") == "run"
+    ]
+    logged_keys = set().union(*(offline_history_keys(run_file) for run_file in runs))
     assert len(identities) == 4
     assert {group for group, _, _ in identities} == {sweep_dir.name}
     assert len({name for _, name, _ in identities}) == 4 and len({rid for _, _, rid in identities}) == 4
