@@ -31,6 +31,18 @@ def select_rows(batch: Batch, rows: Tensor) -> Batch:
     return {key: value[rows] if key == "sample_idx" else value[rows, :length] for key, value in batch.items()}
 
 
+def scoring_forward(model: torch.nn.Module, batch: Batch) -> BatchStats:
+    """No-grad scoring forward: the backbone, then the LM head chunk by chunk (no ``[B, T, V]`` logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    with torch.no_grad():
+        hidden = base.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state  # [B, T, H]
+        return BatchStats.from_hidden_states(
+            hidden, base.get_output_embeddings(), batch["labels"], batch["attention_mask"], batch.get("sample_idx")
+        )
+
+
 class SFTModule(LightningModule):
     """Causal-LM fine-tuning under a `PruningPolicy`.
 
@@ -63,17 +75,6 @@ class SFTModule(LightningModule):
 
     # ---- training ---------------------------------------------------------------------------------------------
 
-    def score(self, batch: Batch) -> BatchStats:
-        """No-grad scoring forward: the backbone, then the LM head chunk by chunk (no ``[B, T, V]`` logits)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
-        with torch.no_grad():
-            hidden = base.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state  # [B, T, H]
-            return BatchStats.from_hidden_states(
-                hidden, base.get_output_embeddings(), batch["labels"], batch["attention_mask"], batch["sample_idx"]
-            )
-
     def forward_kept(self, batch: Batch) -> tuple[Tensor, Tensor, BatchStats, PruneDecision, int]:
         """Decide, then forward the rows that count; returns (ce, weights, stats, decision, forward positions).
 
@@ -88,7 +89,7 @@ class SFTModule(LightningModule):
             ce = token_cross_entropy(logits, labels, mask)  # [B, T-1]
             return ce, decision.token_keep.float(), stats, decision, batch["input_ids"].numel()
         if self.policy.needs_scores:
-            stats = self.score(batch)
+            stats = scoring_forward(self.model, batch)
         else:
             stats = BatchStats.from_masks(labels, mask, batch["sample_idx"])
         decision = self.policy.select(stats)

@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,49 +15,17 @@ from typing import Any
 import hydra
 import lightning as L
 import wandb
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qtuning.errors import QTuningError, exit_on_bad_input
+from qtuning.config import check_config, instantiate_key
+from qtuning.errors import exit_on_bad_input
 from qtuning.loggers import build_loggers, describe_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule
+from qtuning.outputs import save_hf_model, write_atomic
 from qtuning.pruning import PruningPolicy
 
 log = logging.getLogger("qtuning.train")
-
-MAX_DIRNAME = 120
-
-
-def short_dirname(name: str) -> str:
-    """A sweep job's directory name: its overrides, cut with a hash suffix when too long for a file name."""
-    name = name.replace("/", "_") or "default"
-    if len(name) <= MAX_DIRNAME:
-        return name
-    return f"{name[: MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Checks that need no model or data, so that a typo fails in a second, naming the key."""
-    for key in ("r_sample", "r_token"):
-        value = cfg.budget.get(key)
-        if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-            raise QTuningError(f"budget.{key}={value} must be a number in (0, 1]")
-
-
-def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """Hydra's instantiate, with a constructor's ValueError reported against the config key."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, TypeError)):
-            raise QTuningError(f"{key}: {cause}") from None
-        raise
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -71,20 +37,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
-    datamodule = _instantiate(cfg.data, "data", tokenizer=tokenizer)
+    datamodule = instantiate_key(cfg.data, "data", tokenizer=tokenizer)
     datamodule.setup("fit")  # read and tokenise now: bad data fails before the model is loaded
-    policy: PruningPolicy = _instantiate(cfg.pruner, "pruner")
+    policy: PruningPolicy = instantiate_key(cfg.pruner, "pruner")
     model = build_model(cfg.model, cfg.paths.cache_dir, vocab_size=len(tokenizer), seed=cfg.seed)
     module = SFTModule(
         model,
         policy,
-        optimizer=_instantiate(cfg.optimizer, "optimizer"),
-        scheduler=_instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
+        optimizer=instantiate_key(cfg.optimizer, "optimizer"),
+        scheduler=instantiate_key(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
     )
-    callbacks = [policy, *(_instantiate(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
+    callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
     loggers = build_loggers(cfg)
     try:
-        trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+        trainer: L.Trainer = instantiate_key(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         metrics = fit_and_validate(cfg, trainer, module, datamodule)
@@ -124,23 +90,6 @@ def fit_and_validate(
         metrics.update({"val/loss": end["val/loss"], "val/ppl": end["val/ppl"]})
     metrics["trainer/global_step"] = trainer.global_step
     return metrics
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a killed run never leaves a truncated file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-def save_hf_model(model: Any, tokenizer: Any, target: Path) -> None:
-    """``save_pretrained`` into a staging directory, then move it into place."""
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

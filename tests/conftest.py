@@ -56,11 +56,11 @@ def char_tokenizer():
     return build_char_tokenizer()
 
 
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """``conf/train.yaml`` composed with overrides, its Hydra node set so ``${hydra:...}`` resolves."""
+def compose_train(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with overrides, its Hydra node set so ``${hydra:...}`` resolves."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
+from qtuning.config import check_config
 from qtuning.errors import QTuningError
-from qtuning.train import check_config
 from tests.conftest import CONF_DIR, TINY_OVERRIDES, compose_train
 
 

@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 
 from qtuning.models import build_model, build_tokenizer
-from qtuning.module import SFTModule
+from qtuning.module import SFTModule, scoring_forward
 from qtuning.pruning import BatchStats
 
 
@@ -50,7 +50,7 @@ def test_scoring_pass_equals_statistics_from_full_logits(tiny_cfg):
     cfg = tiny_cfg("pruner=qtuning", "budget=s25_t50", "data.batch_size=8", "data.val_size=0")
     module, tokenizer = build_module(cfg, "separate")
     batch = first_batches(cfg, tokenizer, 1)[0]
-    chunked = module.score(batch)
+    chunked = scoring_forward(module.model, batch)
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     full = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"], chunk_positions=10**6)

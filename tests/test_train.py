@@ -128,14 +128,14 @@ def test_resume_restores_the_policy_state(tiny_cfg, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         import qtuning.train as train_module
 
-        original = train_module._instantiate
+        original = train_module.instantiate_key
 
         def with_recorder(node, key, **kwargs):
             if key == "trainer":
                 kwargs["callbacks"] = [*kwargs["callbacks"], RecordPolicyState()]
             return original(node, key, **kwargs)
 
-        mp.setattr(train_module, "_instantiate", with_recorder)
+        mp.setattr(train_module, "instantiate_key", with_recorder)
         _, resumed = train(resumed_cfg)
     fresh_state = torch.Generator().manual_seed(resumed_cfg.seed).get_state()
     assert torch.equal(seen["state"], saved_state)

@@ -182,3 +182,7 @@ class SFTDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_examples, shuffle=False)
+
+    def predict_dataloader(self, limit: int | None = None) -> DataLoader:
+        """The first ``limit`` training rows in file order, unshuffled (for scoring a dataset without training)."""
+        return self._loader(self.train_examples[:limit], shuffle=False)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.pruning.base import PruneDecision, PruningPolicy, check_choice, check_ratio, loss_positions
+from qtuning.pruning.distributed import distributed_world, gather_stats, local_rows
 from qtuning.pruning.random_sample import keep_count
 from qtuning.pruning.stats import BatchStats
 
@@ -155,6 +156,8 @@ class QTuningPolicy(PruningPolicy):
         bisect_iters, bisect_tol, q_max: the bisection over the band width.
         fill_up: top the kept set up to K samples.
         scoring: ``separate`` or ``shared`` (see `PruningPolicy.scoring`).
+        threshold_scope: ``local`` (authors): each device decides on its own micro-batch; ``global``: the
+            statistics of all devices are gathered and one decision is made for the global batch.
     """
 
     needs_scores = True
@@ -173,6 +176,7 @@ class QTuningPolicy(PruningPolicy):
         q_max: float = 0.49,
         fill_up: bool = True,
         scoring: str = "separate",
+        threshold_scope: str = "local",
     ) -> None:
         super().__init__(loss_norm, scoring)
         self.r_sample = check_ratio("sample_keep_ratio", sample_keep_ratio)
@@ -188,6 +192,7 @@ class QTuningPolicy(PruningPolicy):
         self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
         self.bisect_iters, self.bisect_tol, self.q_max = bisect_iters, bisect_tol, q_max
         self.fill_up = bool(fill_up)
+        self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
         """Stage 2 (SPEC §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the loss."""
@@ -204,6 +209,13 @@ class QTuningPolicy(PruningPolicy):
         return drop_highest(scores, candidates, n_drop)
 
     def select(self, stats: BatchStats) -> PruneDecision:
+        if self.threshold_scope == "global" and distributed_world() > 1:
+            global_stats, offset = gather_stats(stats)
+            return local_rows(self.decide(global_stats), offset, *stats.response_mask.shape)
+        return self.decide(stats)
+
+    def decide(self, stats: BatchStats) -> PruneDecision:
+        """Stages 1 and 2 on one batch (this device's, or the gathered global one)."""
         ppl, ent = stats.sample_ppl(), stats.sample_entropy(self.entropy_scope)  # [B], [B]
         result = triage(ppl, ent, self.r_sample, self.bisect_iters, self.bisect_tol, self.q_max, self.fill_up)
         dropped = self.dropped_tokens(stats, result)  # [B, T-1]

@@ -1,0 +1,45 @@
+"""Config checks that need no model or data, instantiation that reports errors against the config key, and the
+resolver that names sweep directories."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qtuning.errors import QTuningError
+
+MAX_DIRNAME = 120
+
+
+def short_dirname(name: str) -> str:
+    """A sweep job's directory name: its overrides, cut with a hash suffix when too long for a file name."""
+    name = name.replace("/", "_") or "default"
+    if len(name) <= MAX_DIRNAME:
+        return name
+    return f"{name[: MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that need no model or data, so that a typo fails in a second, naming the key."""
+    for key in ("r_sample", "r_token"):
+        value = cfg.budget.get(key)
+        if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            raise QTuningError(f"budget.{key}={value} must be a number in (0, 1]")
+
+
+def instantiate_key(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Hydra's instantiate, with a constructor's ValueError reported against the config key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise QTuningError(f"{key}: {cause}") from None
+        raise
