@@ -89,7 +89,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         torch.tensor([s["entropy"] for s in samples]),
         torch.tensor([s["quadrant"] for s in samples]),
         torch.tensor([s["kept"] for s in samples]),
-        title=f"{cfg.model.name}: {len(samples)} samples, batches of {cfg.data.batch_size}",
+        title=f"{cfg.model.name}: {len(samples)} samples; quadrants by the medians of batches of {cfg.data.batch_size}",
     )
     fig.savefig(output_dir / "eu_plane.png")
     with open(output_dir / "samples.csv", "w", newline="") as f:

@@ -38,8 +38,9 @@ def eu_plane_figure(ppl: Tensor, ent: Tensor, quadrant: Tensor, kept: Tensor, ti
             if sel.any():
                 label = f"{name} ({'kept' if is_kept else 'dropped'})"
                 ax.scatter(log_ppl[sel], ent[sel], c=colour, marker=marker, s=36, label=label)
-    ax.axvline(float(log_ppl.median()), color="black", lw=0.6, ls=":")
-    ax.axhline(float(ent.median()), color="black", lw=0.6, ls=":")
+    # the batch medians that define the quadrants
+    ax.axvline(float(torch.quantile(ppl, 0.5).log()), color="black", lw=0.6, ls=":")
+    ax.axhline(float(torch.quantile(ent, 0.5)), color="black", lw=0.6, ls=":")
     ax.set_xlabel("log perplexity (error)")
     ax.set_ylabel("mean entropy, nats (uncertainty)")
     ax.set_title(title)

@@ -68,7 +68,7 @@ def describe_wandb(loggers: list[Logger]) -> str | None:
             run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
             if run_dir is None:
                 return None
-            if run.settings.mode == "offline":
+            if run.offline:  # Lightning turns offline=True into WANDB_MODE=dryrun
                 return f"W&B offline run: {run_dir}  (upload with: wandb sync {run_dir})"
             return f"W&B run: {getattr(run, 'url', None) or run_dir}"
     return None

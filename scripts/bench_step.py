@@ -8,8 +8,8 @@ Compared on the same batch (8 x 256 tokens by default), r_sample 0.25, r_token 0
 - ``separate``: Q-Tuning's default, a no-grad scoring pass (LM head in chunks), then forward + backward on kept rows;
 - ``ideal``: a bare no-grad forward over all rows plus a plain step over the kept rows: the floor for ``separate``.
 Median wall time over ``--steps`` steps after ``--warmup`` steps, each mode in turn. Then the scoring pass's peak
-memory against a plain no-grad forward of the same batch (which holds the full logits): on CPU the peak resident
-memory above the level before the call, sampled every millisecond; on CUDA ``max_memory_allocated``.
+memory against a plain no-grad forward of the same batch (which holds the full logits), each in a fresh process: on
+CPU the kernel's peak resident set above the level before the call; on CUDA ``max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,13 +91,15 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(key + ":")).split()[1])
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory above the level before ``fn`` while it runs (CUDA allocator, or sampled RSS on CPU)."""
+    """Peak memory above the level before ``fn`` while it runs: the CUDA allocator's peak, or on CPU the kernel's
+    peak resident set (VmHWM, reset through /proc/self/clear_refs) in a process whose allocator returns large
+    blocks to the system at once (see `memory_probe`)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -105,21 +107,42 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    before, peak, running = rss_bytes(), [0], [True]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set to the current one
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) * 1024
 
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
 
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        fn()
-    finally:
-        running[0] = False
-        thread.join()
-    return max(peak[0], rss_bytes()) - before
+def memory_probe(model_name: str, lora: bool, batch_size: int, length: int, what: str) -> int:
+    """Peak extra memory of one scoring pass or one plain no-grad forward, measured in a fresh process.
+
+    On CPU the probe runs with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors leave the resident set at once and
+    memory kept by the allocator from earlier work cannot hide (or fake) a peak.
+    """
+    if torch.cuda.is_available():
+        return probe(model_name, lora, batch_size, length, what)
+    command = [sys.executable, __file__, "--probe", what, "--model", model_name, "--batch", str(batch_size)]
+    command += ["--length", str(length)] + (["--lora"] if lora else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def probe(model_name: str, lora: bool, batch_size: int, length: int, what: str) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, cache = model_config(model_name, lora)
+    tokenizer = build_tokenizer(cfg, cache)
+    model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
+    batch = make_batch(len(tokenizer), batch_size, length, device)
+
+    def plain_forward() -> object:
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    fn = plain_forward if what == "plain" else (lambda: scoring_forward(model, batch))
+    fn()  # warm-up: lazily created state is not counted
+    return peak_extra_memory(fn, device)
 
 
 def bench(model_name: str, lora: bool, batch_size: int, length: int, steps: int, warmup: int, device) -> dict:
@@ -147,13 +170,9 @@ def bench(model_name: str, lora: bool, batch_size: int, length: int, steps: int,
                 times[name].append(t)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
 
-    def plain_forward() -> object:
-        with torch.no_grad():
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
     memory = {
-        "plain_forward": peak_extra_memory(plain_forward, device),
-        "scoring_pass": peak_extra_memory(lambda: scoring_forward(model, batch), device),
+        "plain_forward": memory_probe(model_name, lora, batch_size, length, "plain"),
+        "scoring_pass": memory_probe(model_name, lora, batch_size, length, "scoring"),
     }
     return {"medians": medians, "memory": memory, "kept": len(kept_rows)}
 
@@ -185,9 +204,10 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
         )
     lines += [
         "",
-        "Peak memory of the scoring pass (backbone, then the LM head over chunks of positions, NLL and entropy in "
-        "fp32) against a plain no-grad forward that returns the full logits. On CPU: resident memory above the level "
-        "before the call, sampled every millisecond.",
+        "Peak memory of the scoring pass (backbone, then the LM head over chunks of non-pad positions, NLL and "
+        "entropy in fp32) against a plain no-grad forward that returns the full logits, each in a fresh process after "
+        "one warm-up call. On CPU: the kernel's peak resident set (VmHWM, reset before the call) above the resident "
+        "set before it, with glibc returning blocks over 64 KiB to the system on free (MALLOC_MMAP_THRESHOLD_).",
         "",
         "| model | fine-tuning | plain forward (MB) | scoring pass (MB) | ratio |",
         "|---|---|---|---|---|",
@@ -208,8 +228,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--write", type=Path, default=None, help="also write the Markdown report here")
+    parser.add_argument("--probe", choices=["plain", "scoring"], help=argparse.SUPPRESS)  # internal: memory_probe
+    parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.probe:
+        print(probe(args.model[0], args.lora, args.batch, args.length, args.probe))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for model_name in args.model:

@@ -69,3 +69,10 @@ def test_check_config_names_the_bad_ratio(tmp_path, key, value):
     cfg = compose_train([f"budget.{key}={value}"], tmp_path)
     with pytest.raises(QTuningError, match=rf"budget\.{key}={value} must be a number in \(0, 1\]"):
         check_config(cfg)
+
+
+def test_analyze_config_composes_with_its_own_sizes(tmp_path):
+    cfg = compose_train([], tmp_path, "analyze")
+    assert cfg.pruner._target_ == "qtuning.pruning.QTuningPolicy" and cfg.data.val_size == 0
+    assert cfg.num_samples == 256 and cfg.data.max_length == 256
+    check_config(cfg)

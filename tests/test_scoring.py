@@ -53,6 +53,6 @@ def test_scoring_pass_equals_statistics_from_full_logits(tiny_cfg):
     chunked = scoring_forward(module.model, batch)
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    full = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"], chunk_positions=10**6)
+    full = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"], chunk_size=10**6)
     torch.testing.assert_close(chunked.token_nll, full.token_nll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.token_entropy, full.token_entropy, rtol=1e-5, atol=1e-5)

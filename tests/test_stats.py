@@ -61,8 +61,8 @@ def test_from_logits_matches_naive_reference(batch):
 @pytest.mark.parametrize("chunk", [1, 2, 5, 100])
 def test_chunked_equals_unchunked(batch, chunk):
     logits, labels, attention_mask = batch
-    whole = BatchStats.from_logits(logits, labels, attention_mask, chunk_positions=logits.shape[1])
-    chunked = BatchStats.from_logits(logits, labels, attention_mask, chunk_positions=chunk)
+    whole = BatchStats.from_logits(logits, labels, attention_mask, chunk_size=logits.shape[1])
+    chunked = BatchStats.from_logits(logits, labels, attention_mask, chunk_size=chunk)
     assert torch.equal(whole.token_nll, chunked.token_nll)
     assert torch.equal(whole.token_entropy, chunked.token_entropy)
 
@@ -72,7 +72,7 @@ def test_from_hidden_states_equals_from_logits(batch):
     torch.manual_seed(1)
     hidden = torch.randn(3, 7, 5)
     head = torch.nn.Linear(5, 11, bias=False)
-    from_hidden = BatchStats.from_hidden_states(hidden, head, labels, attention_mask, chunk_positions=2)
+    from_hidden = BatchStats.from_hidden_states(hidden, head, labels, attention_mask, chunk_size=2)
     from_logits = BatchStats.from_logits(head(hidden), labels, attention_mask)
     torch.testing.assert_close(from_hidden.token_nll, from_logits.token_nll)
     torch.testing.assert_close(from_hidden.token_entropy, from_logits.token_entropy)

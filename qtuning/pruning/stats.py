@@ -1,8 +1,8 @@
 """Per-token statistics of a batch under the current model: the one place where labels are shifted.
 
 Position ``i`` of every ``[B, T-1]`` tensor here is the prediction of token ``i + 1`` from the logits at ``i``
-(``logits[:, :-1]`` against ``labels[:, 1:]``). All statistics are fp32. The full ``[B, T, V]`` logits are never
-upcast at once: they are processed in chunks of positions, so peak extra memory is one chunk.
+(``logits[:, :-1]`` against ``labels[:, 1:]``). All statistics are fp32. Only non-pad positions are scored, a chunk
+of them at a time: the full ``[B, T, V]`` logits are never upcast at once, and from hidden states never exist.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch import Tensor
 
 from qtuning import IGNORE_INDEX
 
-# Largest fp32 chunk of logits (elements) materialised at once: 2**24 floats = 64 MiB.
-MAX_CHUNK_ELEMENTS = 2**24
+# Largest fp32 chunk of logits (elements) materialised at once: 2**22 floats = 16 MiB (a few such temporaries live
+# together), small enough to stay cache-friendly, large enough for an efficient LM-head matmul.
+MAX_CHUNK_ELEMENTS = 2**22
 
 
 def shift_targets(labels: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,27 +41,28 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, attention_mask: Tensor) 
 
 
 def _chunked_nll_entropy(
-    logits_of: Callable[[int, int], Tensor],
+    logits_at: Callable[[Tensor, Tensor], Tensor],
     targets: Tensor,
     response_mask: Tensor,
     nonpad_mask: Tensor,
     vocab_size: int,
-    chunk_positions: int | None,
+    chunk_size: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """NLL and entropy by chunks of positions; ``logits_of(s, e)``: the ``[B, e-s, V]`` logits for targets s..e-1."""
-    batch, length = targets.shape
-    if chunk_positions is None:
-        chunk_positions = max(1, MAX_CHUNK_ELEMENTS // max(1, batch * vocab_size))
-    token_nll = torch.zeros(batch, length, dtype=torch.float32, device=targets.device)  # [B, T-1]
+    """NLL and entropy at the non-pad positions, ``chunk_size`` positions at a time.
+
+    ``logits_at(rows, cols)`` gives the ``[c, V]`` logits that predict ``targets[rows, cols]``.
+    """
+    if chunk_size is None:
+        chunk_size = max(1, MAX_CHUNK_ELEMENTS // vocab_size)
+    token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # [B, T-1]
     token_entropy = torch.zeros_like(token_nll)  # [B, T-1]
-    safe_targets = targets.clamp(min=0)  # −100 would index out of range; masked below
-    for start in range(0, length, chunk_positions):
-        end = min(start + chunk_positions, length)
-        log_probs = torch.log_softmax(logits_of(start, end).float(), dim=-1)  # [B, c, V]
-        nll = -log_probs.gather(-1, safe_targets[:, start:end, None]).squeeze(-1)  # [B, c]
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [B, c]
-        token_nll[:, start:end] = nll * response_mask[:, start:end]
-        token_entropy[:, start:end] = entropy * nonpad_mask[:, start:end]
+    rows, cols = nonpad_mask.nonzero(as_tuple=True)  # [N], [N]: padding is never scored
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        log_probs = torch.log_softmax(logits_at(r, c).float(), dim=-1)  # [c, V]
+        nll = -log_probs.gather(-1, targets[r, c].clamp(min=0)[:, None]).squeeze(-1)  # [c]; −100 masked below
+        token_nll[r, c] = nll * response_mask[r, c]
+        token_entropy[r, c] = -(log_probs.exp() * log_probs).sum(-1)
     return token_nll, token_entropy
 
 
@@ -92,15 +94,13 @@ class BatchStats:
         labels: Tensor,
         attention_mask: Tensor,
         sample_idx: Tensor | None = None,
-        chunk_positions: int | None = None,
+        chunk_size: int | None = None,
     ) -> BatchStats:
         """Statistics from ``[B, T, V]`` logits in any dtype; each chunk of positions is upcast to fp32 on its own."""
-        targets, response_mask, nonpad_mask = shift_targets(labels, attention_mask)
         logits = logits.detach()
-        token_nll, token_entropy = _chunked_nll_entropy(
-            lambda s, e: logits[:, s:e], targets, response_mask, nonpad_mask, logits.shape[-1], chunk_positions
+        return cls._from_chunks(
+            lambda r, c: logits[r, c], logits.shape[-1], labels, attention_mask, sample_idx, chunk_size
         )
-        return cls(response_mask, nonpad_mask, token_nll=token_nll, token_entropy=token_entropy, sample_idx=sample_idx)
 
     @classmethod
     def from_hidden_states(
@@ -110,18 +110,32 @@ class BatchStats:
         labels: Tensor,
         attention_mask: Tensor,
         sample_idx: Tensor | None = None,
-        chunk_positions: int | None = None,
+        chunk_size: int | None = None,
     ) -> BatchStats:
         """Statistics from the final ``[B, T, H]`` hidden states; the LM head runs chunk by chunk (no full logits)."""
-        targets, response_mask, nonpad_mask = shift_targets(labels, attention_mask)
         hidden_states = hidden_states.detach()
-        token_nll, token_entropy = _chunked_nll_entropy(
-            lambda s, e: lm_head(hidden_states[:, s:e]),
-            targets,
-            response_mask,
-            nonpad_mask,
+        return cls._from_chunks(
+            lambda r, c: lm_head(hidden_states[r, c]),
             lm_head.out_features,
-            chunk_positions,
+            labels,
+            attention_mask,
+            sample_idx,
+            chunk_size,
+        )
+
+    @classmethod
+    def _from_chunks(
+        cls,
+        logits_at: Callable[[Tensor, Tensor], Tensor],
+        vocab_size: int,
+        labels: Tensor,
+        attention_mask: Tensor,
+        sample_idx: Tensor | None,
+        chunk_size: int | None,
+    ) -> BatchStats:
+        targets, response_mask, nonpad_mask = shift_targets(labels, attention_mask)
+        token_nll, token_entropy = _chunked_nll_entropy(
+            logits_at, targets, response_mask, nonpad_mask, vocab_size, chunk_size
         )
         return cls(response_mask, nonpad_mask, token_nll=token_nll, token_entropy=token_entropy, sample_idx=sample_idx)
 
