@@ -182,6 +182,9 @@ def test_select_end_to_end_and_loss_norm(loss_norm):
     assert decision.quadrant.tolist() == [4, 3, 3, 4, 1, 1, 2, 2]
     assert decision.metrics["q2_resp_token_keep"] == 0.0
     assert decision.metrics["q1"] == 2 and decision.metrics["q4_frac"] == 0.25
+    # q = .1225: quantile(1..8, .8775) = 7.1425 and quantile(1..8, .1225) = 1.8575 on both axes
+    assert decision.metrics["thr_ppl_high"] == pytest.approx(7.1425, abs=1e-4)
+    assert decision.metrics["thr_ent_low"] == pytest.approx(1.8575, abs=1e-4)
 
 
 def test_median_quadrants_by_hand():

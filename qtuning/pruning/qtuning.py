@@ -231,10 +231,17 @@ class QTuningPolicy(PruningPolicy):
     def dashboard(
         self, stats: BatchStats, result: Triage, dropped: Tensor, quadrant: Tensor, ppl: Tensor, ent: Tensor
     ) -> dict[str, float]:
-        """Per-step scalars: quadrant populations and means, band width, fill-ups, realised Q2 token keep."""
+        """Per-step scalars: quadrant populations and means, band width and thresholds, fill-ups, realised Q2
+        token keep."""
         batch = stats.batch_size
+        q = result.band_q
         metrics: dict[str, float] = {
-            "band_q": result.band_q,
+            "band_q": q,
+            # the band thresholds of the last bisection step: Q2 = PPL > ppl_high & entropy <= ent_low, etc.
+            "thr_ppl_high": float(torch.quantile(ppl, 1 - q)),
+            "thr_ppl_low": float(torch.quantile(ppl, q)),
+            "thr_ent_low": float(torch.quantile(ent, q)),
+            "thr_ent_high": float(torch.quantile(ent, 1 - q)),
             "filled": float(result.filled),
             "band_q2": float(result.band_q2.sum()),
             "band_q4": float(result.band_q4.sum()),
