@@ -163,9 +163,12 @@ def bench(model_name: str, lora: bool, batch_size: int, length: int, steps: int,
     }
     runs["ideal"] = lambda: ideal_step(modules["full"], optimizer, batch, kept_rows)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + steps):  # modes interleaved, so a slow spell of the machine hits all of them
-        for name, fn in runs.items():
-            t = timed(fn, device)
+    names = list(runs)
+    for i in range(warmup + steps):
+        # Modes interleaved, so a slow spell of the machine hits all of them, and rotated, so that none always
+        # runs right after the same other one (allocator and cache state carry over from one step to the next).
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = timed(runs[name], device)
             if i >= warmup:
                 times[name].append(t)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
@@ -187,7 +190,7 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
         f"{torch.get_num_threads()} threads, device `{device}`"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
         + f". Batch {args.batch} x {args.length} tokens, r_sample {R_SAMPLE}, r_token {R_TOKEN}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps, modes interleaved.",
+        f"median of {args.steps} steps after {args.warmup} warm-up steps, modes interleaved in rotating order.",
         "",
         "`separate` is Q-Tuning's default (no-grad scoring pass, then forward + backward on the kept rows); `shared` "
         "is the authors' one full forward with a masked loss; `ideal` is a bare no-grad forward over all rows plus a "

@@ -15,6 +15,7 @@ from qtuning.pruning.qtuning import (
     bisect_bands,
     fill_up,
     median_quadrants,
+    rank_scale,
     token_scores,
     triage,
 )
@@ -68,7 +69,7 @@ def test_no_truncation_above_k():
 
 
 def test_fill_up_switch_off_keeps_only_the_bands():
-    result = triage(torch.ones(8), torch.ones(8), 0.5, use_fill_up=False)
+    result = triage(torch.ones(8), torch.ones(8), 0.5, fill_up_rule="none")
     assert not result.kept.any()
 
 
@@ -206,9 +207,58 @@ def test_select_is_deterministic():
         ({"lam": 2.0}, r"lam=2.0 must be in \[0, 1\]"),
         ({"token_budget": "row"}, r"token_budget='row' must be one of batch, per_sample"),
         ({"entropy_scope": "all"}, r"entropy_scope='all' must be one of nonpad, response"),
+        ({"fill_up": "max"}, r"fill_up='max' must be one of minmax, rank, none"),
+        ({"threshold_scope": "world"}, r"threshold_scope='world' must be one of local, global"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
     args = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         QTuningPolicy(**args)
+
+
+# --- fill-up variants (docs/noise_probe.md) ---------------------------------------------------------------------
+
+
+def test_rank_scale_with_ties():
+    # sorted distinct values 1, 2, 3 at ranks 0, {1, 2} -> 1.5, 3; scaled by B - 1 = 3
+    torch.testing.assert_close(rank_scale(torch.tensor([3.0, 1, 2, 2])), torch.tensor([1.0, 0, 0.5, 0.5]))
+    torch.testing.assert_close(rank_scale(torch.ones(4)), torch.full((4,), 0.5))
+
+
+# One extreme perplexity (sample 7) squeezes every other min-max-scaled PPL towards 0.
+OUTLIER_PPL = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 100])
+RISING_ENT = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])
+
+
+def test_minmax_fill_up_takes_noise_from_q1():
+    # ppl_n ≈ [0, .01, .02, .03, .04, .05, .06, 1], ent_n = [0, 1/7, ..., 1]: |diff| peaks at samples 6, 5, 4, 3.
+    kept, _, added = fill_up(
+        OUTLIER_PPL, RISING_ENT, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), 4
+    )
+    assert idx(kept) == [3, 4, 5, 6] and added == 4
+    assert (median_quadrants(OUTLIER_PPL, RISING_ENT)[kept] == 1).sum() == 3  # three of them above both medians
+
+
+def test_rank_fill_up_never_adds_q1():
+    # Ranks agree on both axes (|diff| = 0 everywhere, a tie): lower index first, but samples 4-7 are Q1.
+    none = torch.zeros(8, dtype=torch.bool)
+    kept, q2like, added = fill_up(OUTLIER_PPL, RISING_ENT, none, none, 4, rule="rank")
+    assert idx(kept) == [0, 1, 2, 3] and added == 4
+    assert idx(q2like) == [0, 1, 2, 3]  # ppl_n >= ent_n on a tie
+
+
+def test_rank_fill_up_tags_by_rank_and_stops_when_only_q1_is_left():
+    ppl = torch.tensor([4.0, 1, 3, 2, 8, 7, 6, 5])
+    ent = torch.tensor([1.0, 4, 2, 3, 5, 6, 7, 8])  # samples 4-7 are Q1; 0 leans to PPL, 1 to entropy
+    kept, q2like, added = fill_up(
+        ppl, ent, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), 6, "rank"
+    )
+    assert added == 4 and idx(kept) == [0, 1, 2, 3]  # K = 6, but only four samples are outside Q1
+    assert idx(q2like) == [0, 2]  # rank(ppl) >= rank(ent)
+
+
+def test_fill_up_none_keeps_the_bands_only():
+    kept = torch.tensor([True] + [False] * 7)
+    new, _, added = fill_up(PPL, ENT, kept, kept.clone(), 4, rule="none")
+    assert torch.equal(new, kept) and added == 0

@@ -4,7 +4,8 @@ Every rule here follows SPEC §2–5, which follows the authors' code; each step
 1. `sample_scores`: PPL (error) and mean entropy (uncertainty) of each sample.
 2. `bisect_bands`: the band width q whose outer bands (Q2: top-q PPL ∩ bottom-q entropy; Q4: bottom-q PPL ∩
    top-q entropy) hold about r_sample of the batch.
-3. `fill_up`: tops the kept set up to K = max(1, round(B · r_sample)) by |ppl_n − ent_n|; never truncates.
+3. `fill_up`: tops the kept set up to K = max(1, round(B · r_sample)) by |ppl_n − ent_n|; never truncates
+   (``rank``: a noise-robust variant, see docs/noise_probe.md).
 4. `token_scores` and `tokens_to_drop`: in Q2 and Q2-like samples only, drop the response tokens whose own and
    neighbours' perplexity is highest, within a batch-level (default) or per-sample budget.
 """
@@ -56,22 +57,54 @@ def min_max(x: Tensor) -> Tensor:
     return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
 
 
-def fill_up(ppl: Tensor, ent: Tensor, kept: Tensor, q2like: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
-    """Add the K − |kept| other samples with the largest |ppl_n − ent_n| (ties: lower index first).
+def median_quadrants(ppl: Tensor, ent: Tensor) -> Tensor:
+    """``[B]`` int 1–4 by the batch medians (``>`` median is high): Q1 high/high, Q2 high PPL/low entropy, Q3
+    low/low, Q4 low PPL/high entropy."""
+    high_ppl = ppl > torch.quantile(ppl, 0.5)
+    high_ent = ent > torch.quantile(ent, 0.5)
+    quadrant = torch.full_like(ppl, 3, dtype=torch.long)
+    quadrant[high_ppl & high_ent] = 1
+    quadrant[high_ppl & ~high_ent] = 2
+    quadrant[~high_ppl & high_ent] = 4
+    return quadrant
 
+
+def rank_scale(x: Tensor) -> Tensor:
+    """Ranks within the batch scaled to [0, 1] (smallest 0, largest 1); ties share their average rank."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # rank of each distinct value's first occurrence
+    average = first.to(torch.float32) + (counts - 1) / 2
+    return average[inverse] / max(1, x.numel() - 1)
+
+
+FILL_UP_RULES = ("minmax", "rank", "none")
+
+
+def fill_up(
+    ppl: Tensor, ent: Tensor, kept: Tensor, q2like: Tensor, k: int, rule: str = "minmax"
+) -> tuple[Tensor, Tensor, int]:
+    """Add up to K − |kept| other samples with the largest |ppl_n − ent_n| (ties: lower index first).
+
+    ``minmax`` (authors): min-max-scaled scores, any sample may be added. ``rank``: rank-scaled scores, so one
+    extreme perplexity cannot stretch the scale, and no sample above both batch medians (Q1, harmful noise) is added.
     An added sample is Q2-like (its tokens may be pruned) if ppl_n ≥ ent_n, else Q4-like. Returns the new kept and
     Q2-like masks and the number added.
     """
     missing = k - int(kept.sum())
-    if missing <= 0:
+    if missing <= 0 or rule == "none":
         return kept, q2like, 0
-    ppl_n, ent_n = min_max(ppl), min_max(ent)
-    score = (ppl_n - ent_n).abs().masked_fill(kept, -math.inf)
-    added = torch.sort(score, descending=True, stable=True).indices[:missing]
+    eligible = ~kept
+    if rule == "rank":
+        ppl_n, ent_n = rank_scale(ppl), rank_scale(ent)
+        eligible &= median_quadrants(ppl, ent) != 1
+    else:
+        ppl_n, ent_n = min_max(ppl), min_max(ent)
+    score = (ppl_n - ent_n).abs().masked_fill(~eligible, -math.inf)
+    added = torch.sort(score, descending=True, stable=True).indices[: min(missing, int(eligible.sum()))]
     kept, q2like = kept.clone(), q2like.clone()
     kept[added] = True
     q2like[added] = ppl_n[added] >= ent_n[added]
-    return kept, q2like, missing
+    return kept, q2like, len(added)
 
 
 def token_scores(token_nll: Tensor, response_mask: Tensor, lam: float, neighbor_mean: bool = False) -> Tensor:
@@ -100,18 +133,6 @@ def drop_per_sample(scores: Tensor, candidates: Tensor, r_token: float) -> Tenso
     return candidates & (rank >= keep_n[:, None])
 
 
-def median_quadrants(ppl: Tensor, ent: Tensor) -> Tensor:
-    """``[B]`` int 1–4 by the batch medians (``>`` median is high): Q1 high/high, Q2 high PPL/low entropy, Q3
-    low/low, Q4 low PPL/high entropy."""
-    high_ppl = ppl > torch.quantile(ppl, 0.5)
-    high_ent = ent > torch.quantile(ent, 0.5)
-    quadrant = torch.full_like(ppl, 3, dtype=torch.long)
-    quadrant[high_ppl & high_ent] = 1
-    quadrant[high_ppl & ~high_ent] = 2
-    quadrant[~high_ppl & high_ent] = 4
-    return quadrant
-
-
 @dataclass
 class Triage:
     """Stage 1's outcome for one batch."""
@@ -131,13 +152,12 @@ def triage(
     iters: int = 10,
     tol: float = 0.01,
     q_max: float = 0.49,
-    use_fill_up: bool = True,
+    fill_up_rule: str = "minmax",
 ) -> Triage:
     """Stage 1 (SPEC §3): bands by bisection, then the fill-up to K."""
     q2, q4, q = bisect_bands(ppl, ent, r_sample, iters, tol, q_max)
-    kept, q2like, filled = q2 | q4, q2.clone(), 0
-    if use_fill_up:
-        kept, q2like, filled = fill_up(ppl, ent, kept, q2like, keep_count(ppl.numel(), r_sample))
+    k = keep_count(ppl.numel(), r_sample)
+    kept, q2like, filled = fill_up(ppl, ent, q2 | q4, q2.clone(), k, fill_up_rule)
     return Triage(kept, q2like, q2, q4, q, filled)
 
 
@@ -154,7 +174,8 @@ class QTuningPolicy(PruningPolicy):
         entropy_scope: average the entropy over ``nonpad`` positions (authors) or ``response`` positions.
         loss_norm: the loss denominator counts ``nonpad`` positions of kept samples (authors) or ``response`` ones.
         bisect_iters, bisect_tol, q_max: the bisection over the band width.
-        fill_up: top the kept set up to K samples.
+        fill_up: how the kept set is topped up to K samples: ``minmax`` (authors), ``rank`` (rank-scaled, never
+            from Q1) or ``none`` (the bands only); see `fill_up`.
         scoring: ``separate`` or ``shared`` (see `PruningPolicy.scoring`).
         threshold_scope: ``local`` (authors): each device decides on its own micro-batch; ``global``: the
             statistics of all devices are gathered and one decision is made for the global batch.
@@ -174,7 +195,7 @@ class QTuningPolicy(PruningPolicy):
         bisect_iters: int = 10,
         bisect_tol: float = 0.01,
         q_max: float = 0.49,
-        fill_up: bool = True,
+        fill_up: str = "minmax",
         scoring: str = "separate",
         threshold_scope: str = "local",
     ) -> None:
@@ -191,7 +212,7 @@ class QTuningPolicy(PruningPolicy):
         self.token_budget = check_choice("token_budget", token_budget, ("batch", "per_sample"))
         self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
         self.bisect_iters, self.bisect_tol, self.q_max = bisect_iters, bisect_tol, q_max
-        self.fill_up = bool(fill_up)
+        self.fill_up = check_choice("fill_up", fill_up, FILL_UP_RULES)
         self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:

@@ -62,7 +62,7 @@ def _chunked_nll_entropy(
         log_probs = torch.log_softmax(logits_at(r, c).float(), dim=-1)  # [c, V]
         nll = -log_probs.gather(-1, targets[r, c].clamp(min=0)[:, None]).squeeze(-1)  # [c]; −100 masked below
         token_nll[r, c] = nll * response_mask[r, c]
-        token_entropy[r, c] = -(log_probs.exp() * log_probs).sum(-1)
+        token_entropy[r, c] = -torch.linalg.vecdot(log_probs.exp(), log_probs)  # −Σ p log p, no [c, V] product
     return token_nll, token_entropy
 
 
