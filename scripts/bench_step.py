@@ -7,9 +7,11 @@ Compared on the same batch (8 x 256 tokens by default), r_sample 0.25, r_token 0
 - ``shared``: Q-Tuning as the authors ran it, one forward over all rows, pruning only masks the loss;
 - ``separate``: Q-Tuning's default, a no-grad scoring pass (LM head in chunks), then forward + backward on kept rows;
 - ``ideal``: a bare no-grad forward over all rows plus a plain step over the kept rows: the floor for ``separate``.
-Median wall time over ``--steps`` steps after ``--warmup`` steps, each mode in turn. Then the scoring pass's peak
-memory against a plain no-grad forward of the same batch (which holds the full logits), each in a fresh process: on
-CPU the kernel's peak resident set above the level before the call; on CUDA ``max_memory_allocated``.
+Median wall time over ``--steps`` steps after ``--warmup`` rounds; modes interleaved in random order, and each timed
+step right after an untimed one of the same mode (steady state, not the cost of regrowing another mode's memory).
+Then the scoring pass's peak memory against a plain no-grad forward of the same batch (which holds the full logits),
+each in a fresh process: on CPU the kernel's peak resident set above the level before the call; on CUDA
+``max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -164,10 +167,13 @@ def bench(model_name: str, lora: bool, batch_size: int, length: int, steps: int,
     runs["ideal"] = lambda: ideal_step(modules["full"], optimizer, batch, kept_rows)
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
+    order = random.Random(0)
     for i in range(warmup + steps):
-        # Modes interleaved, so a slow spell of the machine hits all of them, and rotated, so that none always
-        # runs right after the same other one (allocator and cache state carry over from one step to the next).
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+        # Modes interleaved in a fresh random order each round, so a slow spell of the machine hits all of them.
+        # Each timed step follows an untimed step of the same mode: a mode never pays for re-growing the memory
+        # that the previous, smaller mode released (on CPU that cost is page faults, and it is not the mode's own).
+        for name in order.sample(names, len(names)):
+            runs[name]()
             t = timed(runs[name], device)
             if i >= warmup:
                 times[name].append(t)
@@ -190,7 +196,8 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
         f"{torch.get_num_threads()} threads, device `{device}`"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
         + f". Batch {args.batch} x {args.length} tokens, r_sample {R_SAMPLE}, r_token {R_TOKEN}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps, modes interleaved in rotating order.",
+        f"median of {args.steps} steps after {args.warmup} warm-up rounds; modes interleaved in random order, each "
+        "timed step right after an untimed step of the same mode.",
         "",
         "`separate` is Q-Tuning's default (no-grad scoring pass, then forward + backward on the kept rows); `shared` "
         "is the authors' one full forward with a masked loss; `ideal` is a bare no-grad forward over all rows plus a "
