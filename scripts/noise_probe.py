@@ -120,7 +120,6 @@ def score(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = SFTDataModule(tokenizer, str(path), "prompt_completion", max_length=max_length, batch_size=batch_size)
     data.setup("predict")
-    line_of = {e.location: int(e.location.rsplit(":", 1)[1]) for e in data.train_examples}
     ppl, ent, ent_response, kinds = [], [], [], []
     for batch in tqdm(data.predict_dataloader(), desc="scoring", unit="batch"):
         stats = scoring_forward(model, batch)
@@ -128,7 +127,8 @@ def score(
         ent.append(stats.sample_entropy("nonpad"))
         ent_response.append(stats.sample_entropy("response"))
         for i in batch["sample_idx"].tolist():
-            kinds.append(KINDS.index(rows[line_of[data.train_examples[i].location] - 1]["kind"]))
+            line = int(data.train_examples[i].location.rsplit(":", 1)[1])  # JSONL line = probe row + 1
+            kinds.append(KINDS.index(rows[line - 1]["kind"]))
     return {
         "ppl": torch.cat(ppl),
         "entropy": torch.cat(ent),
