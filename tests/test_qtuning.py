@@ -14,6 +14,7 @@ from qtuning.pruning.qtuning import (
     band_masks,
     bisect_bands,
     fill_up,
+    guarded_rows,
     median_quadrants,
     rank_scale,
     token_scores,
@@ -123,7 +124,7 @@ def budget_stats() -> BatchStats:
 
 def kept_rows(q2like: list[bool]) -> Triage:
     kept = torch.tensor([True, True, False, False])
-    return Triage(kept, torch.tensor(q2like + [False, False]), kept, kept, 0.1, 0)
+    return Triage(kept, torch.tensor(q2like + [False, False]), kept, kept, 0.1, 0, torch.zeros(4, dtype=torch.bool))
 
 
 def policy(r_sample: float = 0.5, r_token: float = 0.5, **kwargs) -> QTuningPolicy:
@@ -208,6 +209,7 @@ def test_select_is_deterministic():
         ({"token_budget": "row"}, r"token_budget='row' must be one of batch, per_sample"),
         ({"entropy_scope": "all"}, r"entropy_scope='all' must be one of nonpad, response"),
         ({"fill_up": "max"}, r"fill_up='max' must be one of minmax, rank, none"),
+        ({"ppl_guard": 1.0}, r"ppl_guard=1.0 must be in \[0, 1\)"),
         ({"threshold_scope": "world"}, r"threshold_scope='world' must be one of local, global"),
     ],
 )
@@ -262,3 +264,49 @@ def test_fill_up_none_keeps_the_bands_only():
     kept = torch.tensor([True] + [False] * 7)
     new, _, added = fill_up(PPL, ENT, kept, kept.clone(), 4, rule="none")
     assert torch.equal(new, kept) and added == 0
+
+
+# --- perplexity guard -------------------------------------------------------------------------------------------
+
+
+def test_guarded_rows_are_the_highest_perplexities_and_leave_k():
+    ppl = torch.tensor([3.0, 9, 1, 9, 5, 2, 7, 4])
+    assert idx(guarded_rows(ppl, k=2, ppl_guard=0.25)) == [1, 3]  # floor(0.25 · 8) = 2
+    assert idx(guarded_rows(ppl, k=2, ppl_guard=0.3)) == [1, 3]  # floor(2.4) = 2
+    assert idx(guarded_rows(ppl, k=7, ppl_guard=0.25)) == [1]  # at most B − K = 1
+    assert idx(guarded_rows(ppl, k=2, ppl_guard=0.0)) == []
+    assert idx(guarded_rows(torch.tensor([5.0, 5, 5, 1]), k=1, ppl_guard=0.25)) == [0]  # ties: lower index
+
+
+# Ranks exactly anti-correlated, and sample 7's perplexity is an outlier in the Q2 corner.
+ANTI_ENT = torch.tensor([8.0, 7, 6, 5, 4, 3, 2, 1])
+
+
+def test_ppl_guard_sets_the_outlier_aside_and_measures_the_bands_on_the_rest():
+    # No guard: q = .245 puts {6, 7} in Q2 and {0, 1} in Q4 (4/8); q = .1225 gives Q2 = {7} (PPL > 20.25, entropy
+    # <= 1.8575) and Q4 = {0}: 2/8 = r_sample, kept.
+    plain = triage(OUTLIER_PPL, ANTI_ENT, 0.25)
+    assert idx(plain.kept) == [0, 7] and idx(plain.band_q2) == [7] and idx(plain.guarded) == []
+    # Guard 1/8: sample 7 set aside; on the other 7 the target is .25 · 8/7 = 2/7. q = .245 gives 4/7; q = .1225
+    # gives Q2 = {6} (PPL > 6.265, entropy <= 2.735) and Q4 = {0} (PPL <= 1.735, entropy > 7.265): 2/7, kept.
+    guarded = triage(OUTLIER_PPL, ANTI_ENT, 0.25, ppl_guard=0.125)
+    assert idx(guarded.guarded) == [7]
+    assert idx(guarded.kept) == [0, 6] and idx(guarded.band_q2) == [6] and idx(guarded.q2like) == [6]
+    assert guarded.band_q == pytest.approx(0.1225) and guarded.filled == 0
+
+
+def test_ppl_guard_keeps_k_through_the_fill_up():
+    # Guard 1/4 sets aside 6 and 7. The other six agree on both axes, so no band holds anyone; the rank fill-up
+    # wants K = 4 but never adds their Q1 (3, 4, 5: above both medians of the six).
+    result = triage(OUTLIER_PPL, RISING_ENT, 0.5, fill_up_rule="rank", ppl_guard=0.25)
+    assert idx(result.guarded) == [6, 7]
+    assert idx(result.kept) == [0, 1, 2] and result.filled == 3
+    # minmax fills from anywhere but the guarded rows: |ppl_n − ent_n| = 0 for all six, lower index first.
+    assert idx(triage(OUTLIER_PPL, RISING_ENT, 0.5, ppl_guard=0.25).kept) == [0, 1, 2, 3]
+
+
+def test_policy_logs_the_guarded_count():
+    decision = QTuningPolicy(0.25, 1.0, ppl_guard=0.125).select(per_sample_stats(OUTLIER_PPL, ANTI_ENT))
+    assert decision.metrics["guarded"] == 1.0
+    assert idx(decision.sample_keep) == [0, 6]
+    assert decision.metrics["thr_ppl_high"] == pytest.approx(6.265, abs=1e-4)  # measured without sample 7

@@ -133,6 +133,15 @@ def drop_per_sample(scores: Tensor, candidates: Tensor, r_token: float) -> Tenso
     return candidates & (rank >= keep_n[:, None])
 
 
+def guarded_rows(ppl: Tensor, k: int, ppl_guard: float) -> Tensor:
+    """``[B]`` bool: the floor(ppl_guard · B) highest-perplexity samples (at most B − K; ties: lower index first),
+    set aside as suspected noise before the triage."""
+    n_guard = min(math.floor(ppl_guard * ppl.numel()), ppl.numel() - k)
+    guarded = torch.zeros_like(ppl, dtype=torch.bool)
+    guarded[torch.sort(ppl, descending=True, stable=True).indices[: max(0, n_guard)]] = True
+    return guarded
+
+
 @dataclass
 class Triage:
     """Stage 1's outcome for one batch."""
@@ -143,6 +152,7 @@ class Triage:
     band_q4: Tensor  # [B] bool: Q4 by the bands
     band_q: float
     filled: int
+    guarded: Tensor  # [B] bool: set aside by the perplexity guard before the triage
 
 
 def triage(
@@ -153,12 +163,24 @@ def triage(
     tol: float = 0.01,
     q_max: float = 0.49,
     fill_up_rule: str = "minmax",
+    ppl_guard: float = 0.0,
 ) -> Triage:
-    """Stage 1 (SPEC §3): bands by bisection, then the fill-up to K."""
-    q2, q4, q = bisect_bands(ppl, ent, r_sample, iters, tol, q_max)
+    """Stage 1 (SPEC §3): bands by bisection, then the fill-up to K.
+
+    With ``ppl_guard`` > 0 the highest-perplexity samples are set aside first (`guarded_rows`) and the bands and the
+    fill-up run on the rest with the same K: the bands' target becomes r_sample · B / |rest|.
+    """
     k = keep_count(ppl.numel(), r_sample)
-    kept, q2like, filled = fill_up(ppl, ent, q2 | q4, q2.clone(), k, fill_up_rule)
-    return Triage(kept, q2like, q2, q4, q, filled)
+    guarded = guarded_rows(ppl, k, ppl_guard)
+    rest = (~guarded).nonzero().squeeze(1)  # [B'] rows that take part
+    ppl_r, ent_r = ppl[rest], ent[rest]
+    q2, q4, q = bisect_bands(ppl_r, ent_r, r_sample * ppl.numel() / rest.numel(), iters, tol, q_max)
+    kept, q2like, filled = fill_up(ppl_r, ent_r, q2 | q4, q2.clone(), k, fill_up_rule)
+
+    def scatter(rows: Tensor) -> Tensor:  # [B'] -> [B], guarded rows False
+        return torch.zeros_like(guarded).index_put((rest,), rows)
+
+    return Triage(scatter(kept), scatter(q2like), scatter(q2), scatter(q4), q, filled, guarded)
 
 
 class QTuningPolicy(PruningPolicy):
@@ -176,6 +198,8 @@ class QTuningPolicy(PruningPolicy):
         bisect_iters, bisect_tol, q_max: the bisection over the band width.
         fill_up: how the kept set is topped up to K samples: ``minmax`` (authors), ``rank`` (rank-scaled, never
             from Q1) or ``none`` (the bands only); see `fill_up`.
+        ppl_guard: the fraction of the batch with the highest perplexity set aside as suspected noise before the
+            triage (0, the authors': none); see `guarded_rows` and docs/noise_probe.md.
         scoring: ``separate`` or ``shared`` (see `PruningPolicy.scoring`).
         threshold_scope: ``local`` (authors): each device decides on its own micro-batch; ``global``: the
             statistics of all devices are gathered and one decision is made for the global batch.
@@ -196,6 +220,7 @@ class QTuningPolicy(PruningPolicy):
         bisect_tol: float = 0.01,
         q_max: float = 0.49,
         fill_up: str = "minmax",
+        ppl_guard: float = 0.0,
         scoring: str = "separate",
         threshold_scope: str = "local",
     ) -> None:
@@ -213,6 +238,9 @@ class QTuningPolicy(PruningPolicy):
         self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
         self.bisect_iters, self.bisect_tol, self.q_max = bisect_iters, bisect_tol, q_max
         self.fill_up = check_choice("fill_up", fill_up, FILL_UP_RULES)
+        if not 0.0 <= ppl_guard < 1.0:
+            raise ValueError(f"ppl_guard={ppl_guard} must be in [0, 1)")
+        self.ppl_guard = float(ppl_guard)
         self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
@@ -238,7 +266,9 @@ class QTuningPolicy(PruningPolicy):
     def decide(self, stats: BatchStats) -> PruneDecision:
         """Stages 1 and 2 on one batch (this device's, or the gathered global one)."""
         ppl, ent = stats.sample_ppl(), stats.sample_entropy(self.entropy_scope)  # [B], [B]
-        result = triage(ppl, ent, self.r_sample, self.bisect_iters, self.bisect_tol, self.q_max, self.fill_up)
+        result = triage(
+            ppl, ent, self.r_sample, self.bisect_iters, self.bisect_tol, self.q_max, self.fill_up, self.ppl_guard
+        )
         dropped = self.dropped_tokens(stats, result)  # [B, T-1]
         token_keep = loss_positions(stats, self.loss_norm) & result.kept[:, None] & ~dropped
         quadrant = median_quadrants(ppl, ent)
@@ -256,14 +286,16 @@ class QTuningPolicy(PruningPolicy):
         token keep."""
         batch = stats.batch_size
         q = result.band_q
+        ppl_in, ent_in = ppl[~result.guarded], ent[~result.guarded]  # the rows the bands were measured on
         metrics: dict[str, float] = {
             "band_q": q,
             # the band thresholds of the last bisection step: Q2 = PPL > ppl_high & entropy <= ent_low, etc.
-            "thr_ppl_high": float(torch.quantile(ppl, 1 - q)),
-            "thr_ppl_low": float(torch.quantile(ppl, q)),
-            "thr_ent_low": float(torch.quantile(ent, q)),
-            "thr_ent_high": float(torch.quantile(ent, 1 - q)),
+            "thr_ppl_high": float(torch.quantile(ppl_in, 1 - q)),
+            "thr_ppl_low": float(torch.quantile(ppl_in, q)),
+            "thr_ent_low": float(torch.quantile(ent_in, q)),
+            "thr_ent_high": float(torch.quantile(ent_in, 1 - q)),
             "filled": float(result.filled),
+            "guarded": float(result.guarded.sum()),
             "band_q2": float(result.band_q2.sum()),
             "band_q4": float(result.band_q4.sum()),
         }
