@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
@@ -41,6 +41,17 @@ def scoring_forward(model: torch.nn.Module, batch: Batch) -> BatchStats:
         return BatchStats.from_hidden_states(
             hidden, base.get_output_embeddings(), batch["labels"], batch["attention_mask"], batch.get("sample_idx")
         )
+
+
+class KeptForward(NamedTuple):
+    """One training forward: per-token cross-entropy and loss weights of the rows that went through it."""
+
+    ce: Tensor  # [K, T'-1] fp32
+    weight: Tensor  # [K, T'-1] 1 where the position counts in the loss, 0 elsewhere
+    rows: Tensor  # [K] the batch rows they are
+    stats: BatchStats
+    decision: PruneDecision
+    fwd_tokens: int  # positions (padding included) through all forward passes
 
 
 class SFTModule(LightningModule):
@@ -72,11 +83,12 @@ class SFTModule(LightningModule):
         self._step_started: float | None = None
         self.last_stats: BatchStats | None = None
         self.last_decision: PruneDecision | None = None
+        self.last_row_losses: tuple[Tensor, Tensor] | None = None  # ([K] sample_idx, [K] mean loss) of the last step
 
     # ---- training ---------------------------------------------------------------------------------------------
 
-    def forward_kept(self, batch: Batch) -> tuple[Tensor, Tensor, BatchStats, PruneDecision, int]:
-        """Decide, then forward the rows that count; returns (ce, weights, stats, decision, forward positions).
+    def forward_kept(self, batch: Batch) -> KeptForward:
+        """Decide, then forward the rows that count.
 
         ``separate``: a no-grad scoring pass, then a grad forward over the kept rows only (re-padded).
         ``shared``: one grad forward over the whole batch, statistics from its detached logits, pruning by mask.
@@ -85,14 +97,15 @@ class SFTModule(LightningModule):
         if self.policy.needs_scores and self.policy.scoring == "shared":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=mask).logits  # [B, T, V]
             stats = BatchStats.from_logits(logits, labels, mask, batch["sample_idx"])
-            decision = self.policy.select(stats)
+            decision = self.policy.select_batch(self.model, batch, stats)
             ce = token_cross_entropy(logits, labels, mask)  # [B, T-1]
-            return ce, decision.token_keep.float(), stats, decision, batch["input_ids"].numel()
+            rows = torch.arange(stats.batch_size, device=ce.device)
+            return KeptForward(ce, decision.token_keep.float(), rows, stats, decision, batch["input_ids"].numel())
         if self.policy.needs_scores:
             stats = scoring_forward(self.model, batch)
         else:
             stats = BatchStats.from_masks(labels, mask, batch["sample_idx"])
-        decision = self.policy.select(stats)
+        decision = self.policy.select_batch(self.model, batch, stats)
         kept_rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
         if kept_rows.numel() == 0:
             raise ValueError(f"{type(self.policy).__name__}.select kept no sample; a policy must keep at least one")
@@ -101,13 +114,20 @@ class SFTModule(LightningModule):
         ce = token_cross_entropy(logits, kept["labels"], kept["attention_mask"])  # [K, T'-1]
         weight = decision.token_keep[kept_rows, : ce.shape[1]].float()  # [K, T'-1]
         scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
-        return ce, weight, stats, decision, scored + kept["input_ids"].numel()
+        return KeptForward(ce, weight, kept_rows, stats, decision, scored + kept["input_ids"].numel())
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        ce, weight, stats, decision, fwd_tokens = self.forward_kept(batch)
-        loss_sum = (ce * weight).sum()
+        ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
+        # each row's mean loss over the positions that count: what dataset-level pruners (InfoBatch) score samples by
+        row_loss = (ce * weight).sum(1).detach() / weight.sum(1).clamp(min=1)  # [K]
+        self.last_row_losses = (batch["sample_idx"][rows], row_loss)
+        if decision.loss_scale is not None:
+            weight_ce = weight * decision.loss_scale[rows, None]  # [K, T'-1]: rescales the loss, not the count
+        else:
+            weight_ce = weight
+        loss_sum = (ce * weight_ce).sum()
         self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens = self._window_tokens.to(loss_sum.device) + weight.sum()
         self._window_input_tokens += int(batch["attention_mask"].sum())

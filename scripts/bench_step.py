@@ -64,7 +64,7 @@ def make_batch(vocab: int, batch: int, length: int, device: torch.device) -> dic
 
 
 def train_step(module: SFTModule, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    ce, weight, _, _, _ = module.forward_kept(batch)
+    ce, weight, *_ = module.forward_kept(batch)
     ((ce * weight).sum() / weight.sum().clamp(min=1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ def first_batches(cfg, tokenizer, n: int) -> list[dict]:
 
 def grads_of(module: SFTModule, batch: dict) -> dict[str, torch.Tensor]:
     module.model.zero_grad()
-    ce, weight, _, decision, _ = module.forward_kept(batch)
+    ce, weight, _, _, decision, _ = module.forward_kept(batch)
     ((ce * weight).sum() / weight.sum().clamp(min=1)).backward()
     return {n: p.grad.clone() for n, p in module.model.named_parameters()}, decision
 

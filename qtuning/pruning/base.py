@@ -25,6 +25,8 @@ class PruneDecision:
     sample_keep: Tensor  # [B] bool
     token_keep: Tensor  # [B, T-1] bool: positions that count in the loss denominator; False on dropped rows
     quadrant: Tensor | None = None  # [B] int in 1..4 (EU-plane quadrant by batch medians) or None
+    # [B] float or None: a per-sample loss weight (InfoBatch's 1/r); it scales the cross-entropy, not the token count
+    loss_scale: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # logged as prune/<key>
 
 
@@ -65,6 +67,11 @@ class PruningPolicy(Callback, ABC):
     @abstractmethod
     def select(self, stats: BatchStats) -> PruneDecision:
         """Decide for one (local) batch."""
+
+    def select_batch(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> PruneDecision:
+        """What the training step calls. Policies that need more than `BatchStats` (attention maps, a reference
+        model) override this and run their own no-grad pass over ``batch``; the others decide from ``stats``."""
+        return self.select(stats)
 
     def keep_rows(
         self, stats: BatchStats, sample_keep: Tensor, metrics: dict[str, float] | None = None
