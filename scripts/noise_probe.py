@@ -258,6 +258,15 @@ def report(scores: dict, rates: dict, args: argparse.Namespace, runtime: float, 
         f"![EU plane by kind]({plot.name})",
         "",
         *verdict(rates),
+        "Reading. With `fill_up=none` the bands alone keep mismatched responses about as often as clean ones: a "
+        "mismatched response has a high perplexity, and when its entropy is low for its batch it sits in the Q2 "
+        "corner, the 'valuable misconception' the method wants to keep, so no fill-up rule can undo that. "
+        "`ppl_guard` sets the ⌊g·B⌋ highest-perplexity samples of each batch aside before the triage, which then "
+        "measures its bands among the rest. Its cost: clean samples that are merely hard are set aside too, and the "
+        "freed budget goes to low-perplexity samples, so degenerate loops (the lowest perplexities) are kept more "
+        "often than clean ones. The faithful rule (`minmax`, no guard) stays the default; the best variant is a "
+        "switch, and the CPU mini-reproduction trains it as an extra row.",
+        "",
         "## All settings",
         "",
         "| B | r_sample | fill_up | ppl_guard | entropy_scope | clean kept | mismatched kept (ratio) "
