@@ -212,3 +212,16 @@ class SFTModule(LightningModule):
             raise ValueError("the LR schedule needs a finite run length: set trainer.max_steps or trainer.max_epochs")
         scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the schedule's end moves to
+        the optimizer steps taken so far plus those this epoch and the planned ones will take."""
+        remaining = getattr(self.trainer.datamodule, "remaining_batches", lambda: None)()
+        schedulers = self.lr_schedulers()
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        if remaining is None or not hasattr(scheduler, "total_steps"):
+            return
+        total = self.trainer.global_step + math.ceil(remaining / self.trainer.accumulate_grad_batches)
+        if self.trainer.max_steps > 0:
+            total = min(total, self.trainer.max_steps)
+        scheduler.total_steps = total

@@ -48,9 +48,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         scheduler=instantiate_key(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
     )
     callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
+    # A dataset-level sample pruner gives every epoch its own loader (and so its own number of steps).
+    per_epoch = {}
+    if policy.sample_pruner is not None:
+        datamodule.planner = policy
+        per_epoch = {"reload_dataloaders_every_n_epochs": 1}
     loggers = build_loggers(cfg)
     try:
-        trainer: L.Trainer = instantiate_key(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+        trainer: L.Trainer = instantiate_key(
+            cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **per_epoch
+        )
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         metrics = fit_and_validate(cfg, trainer, module, datamodule)

@@ -78,3 +78,17 @@ def tiny_cfg(tmp_path: Path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def add_callbacks(mp: pytest.MonkeyPatch, *callbacks: object) -> None:
+    """Make `qtuning.train.train` give its Trainer these extra callbacks (observers for a test)."""
+    import qtuning.train as train_module
+
+    original = train_module.instantiate_key
+
+    def with_callbacks(node, key, **kwargs):
+        if key == "trainer":
+            kwargs["callbacks"] = [*kwargs["callbacks"], *callbacks]
+        return original(node, key, **kwargs)
+
+    mp.setattr(train_module, "instantiate_key", with_callbacks)

@@ -15,7 +15,7 @@ from qtuning.models import build_model, build_tokenizer
 from qtuning.module import select_rows
 from qtuning.pruning import BatchStats, token_cross_entropy
 from qtuning.train import train
-from tests.conftest import ROOT, TINY_DATA, TINY_OVERRIDES
+from tests.conftest import ROOT, TINY_DATA, TINY_OVERRIDES, add_callbacks
 
 # SGD with lr 1 and no clipping: the parameter change of one step is exactly minus the gradient.
 PLAIN_SGD = [
@@ -66,9 +66,9 @@ def reference_gradient(cfg, n_batches: int) -> dict[str, torch.Tensor]:
     ("overrides", "n_batches"),
     [
         (["pruner=none"], 1),
-        (["pruner=random", "budget=s50_t70"], 1),
+        (["pruner=random_batch", "budget=s50_t70"], 1),
         # Two micro-batches of different token counts: the loss is normalised over both, not averaged per batch.
-        (["pruner=random", "budget=s50_t70", "trainer.accumulate_grad_batches=2"], 2),
+        (["pruner=random_batch", "budget=s50_t70", "trainer.accumulate_grad_batches=2"], 2),
     ],
     ids=["none", "random", "random-accumulate2"],
 )
@@ -110,7 +110,7 @@ def test_resume_restores_the_policy_state(tiny_cfg, tmp_path):
         "callbacks.checkpoint.every_n_train_steps=2",
         "trainer.enable_progress_bar=false",
     ]
-    first_cfg = tiny_cfg("pruner=random", "budget=s25_t50", "trainer.max_steps=2", *checkpointing)
+    first_cfg = tiny_cfg("pruner=random_batch", "budget=s25_t50", "trainer.max_steps=2", *checkpointing)
     _, first = train(first_cfg)
     saved_state = first["policy"].state_dict()["generator"]
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
@@ -123,19 +123,10 @@ def test_resume_restores_the_policy_state(tiny_cfg, tmp_path):
             seen["state"] = pl_module.policy.generator.get_state()
 
     resumed_cfg = tiny_cfg(
-        "pruner=random", "budget=s25_t50", "trainer.max_steps=4", f"ckpt_path={ckpt}", *checkpointing
+        "pruner=random_batch", "budget=s25_t50", "trainer.max_steps=4", f"ckpt_path={ckpt}", *checkpointing
     )
     with pytest.MonkeyPatch.context() as mp:
-        import qtuning.train as train_module
-
-        original = train_module.instantiate_key
-
-        def with_recorder(node, key, **kwargs):
-            if key == "trainer":
-                kwargs["callbacks"] = [*kwargs["callbacks"], RecordPolicyState()]
-            return original(node, key, **kwargs)
-
-        mp.setattr(train_module, "instantiate_key", with_recorder)
+        add_callbacks(mp, RecordPolicyState())
         _, resumed = train(resumed_cfg)
     fresh_state = torch.Generator().manual_seed(resumed_cfg.seed).get_state()
     assert torch.equal(seen["state"], saved_state)
@@ -158,7 +149,7 @@ def tiny_cli_args(tmp_path: Path, *extra: str) -> list[str]:
     [
         (["budget.r_sample=1.5"], r"error: budget\.r_sample=1\.5 must be a number in \(0, 1\]"),
         (["budget.r_token=0"], r"error: budget\.r_token=0 must be a number in \(0, 1\]"),
-        (["pruner=random", "pruner.r_sample=2"], r"error: pruner: r_sample=2(\.0)? must be in \(0, 1\]"),
+        (["pruner=random_batch", "pruner.r_sample=2"], r"error: pruner: r_sample=2(\.0)? must be in \(0, 1\]"),
         (
             ["model=hf", "model.name_or_path=/nonexistent/model"],
             r"error: model\.name_or_path=/nonexistent/model: no such",

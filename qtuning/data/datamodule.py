@@ -7,8 +7,10 @@ except ``sample_idx`` ``[B]`` (the row's index in its split).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -21,6 +23,10 @@ from qtuning.data.formats import FORMATS, to_messages
 from qtuning.data.readers import iter_rows
 from qtuning.data.tokenize import encode_conversation
 from qtuning.errors import QTuningError
+from qtuning.pruning.sample_level import SampleInfo
+
+if TYPE_CHECKING:
+    from qtuning.pruning.combo import ComboPolicy
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     location: str  # where the row came from, for reports
+    instruction: str = ""  # the user turns, joined by newlines (what instruction-based sample pruners score)
 
 
 @dataclass
@@ -67,14 +74,16 @@ def load_examples(
     examples = []
     for row in islice(iter_rows(path, salvage_truncated), limit):
         report.rows += 1
-        encoded = encode_conversation(tokenizer, to_messages(row, fmt), max_length, row.location)
+        messages = to_messages(row, fmt)
+        encoded = encode_conversation(tokenizer, messages, max_length, row.location)
         report.truncated += encoded.truncated
         # labels[0] is never a target after the shift, so a row needs a response token at position >= 1.
         if all(label == IGNORE_INDEX for label in encoded.labels[1:]):
             report.dropped_no_response += 1
             report.dropped_locations.append(row.location)
             continue
-        examples.append(Example(encoded.input_ids, encoded.labels, row.location))
+        instruction = "\n".join(m["content"] for m in messages if m["role"] == "user")
+        examples.append(Example(encoded.input_ids, encoded.labels, row.location, instruction))
     if not examples:
         raise QTuningError(f"data.path={path}: no usable rows ({report.rows} read, all without response tokens)")
     return examples, report
@@ -101,14 +110,17 @@ def collate(examples: list[Example], sample_idx: list[int], pad_id: int) -> dict
 
 
 class IndexedExamples(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example]) -> None:
+    """``(dataset index, example)`` pairs of the examples at ``indices`` (all of them by default)."""
+
+    def __init__(self, examples: list[Example], indices: list[int] | None = None) -> None:
         self.examples = examples
+        self.indices = list(range(len(examples))) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[int, Example]:
-        return index, self.examples[index]
+        return self.indices[index], self.examples[self.indices[index]]
 
 
 class SFTDataModule(LightningDataModule):
@@ -150,6 +162,8 @@ class SFTDataModule(LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.report: DataReport | None = None
+        #: a policy with a dataset-level sample pruner plans each epoch's samples (set by `train`); None: all
+        self.planner: ComboPolicy | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.report is not None:
@@ -167,22 +181,53 @@ class SFTDataModule(LightningDataModule):
     def _collate(self, items: list[tuple[int, Example]]) -> dict[str, Tensor]:
         return collate([e for _, e in items], [i for i, _ in items], self.pad_id)
 
-    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: IndexedExamples, shuffle_seed: int | None = None) -> DataLoader:
         return DataLoader(
-            IndexedExamples(examples),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            shuffle=shuffle_seed is not None,
+            generator=torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None,
             collate_fn=self._collate,
             num_workers=self.num_workers,
         )
 
+    def sample_info(self) -> SampleInfo:
+        """What dataset-level sample pruners score the training samples by."""
+        response = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in self.train_examples]
+        return SampleInfo(torch.tensor(response), [e.instruction for e in self.train_examples])
+
+    def _epochs(self) -> tuple[int, int]:
+        """(the epoch about to run, max_epochs); a sample pruner's plan depends on both."""
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        max_epochs = trainer.max_epochs if trainer is not None and (trainer.max_epochs or 0) > 0 else None
+        if max_epochs is None:
+            raise QTuningError("a dataset-level sample pruner plans per epoch: set trainer.max_epochs (> 0)")
+        return epoch, max_epochs
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
+        """This epoch's loader: every training sample, or the planner's plan (rebuilt each epoch, see `train`)."""
+        if self.planner is None:
+            return self._loader(IndexedExamples(self.train_examples), shuffle_seed=self.seed)
+        epoch, max_epochs = self._epochs()
+        plan = self.planner.epoch_plan(epoch, self.sample_info(), max_epochs)
+        # Shuffled here, from (seed, epoch) alone, so that the order does not depend on how often Lightning
+        # iterates the loader (a resumed run does not); the loader then reads it in order.
+        order = torch.randperm(plan.indices.numel(), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self._loader(IndexedExamples(self.train_examples, plan.indices[order].tolist()))
+
+    def remaining_batches(self) -> int | None:
+        """Batches per device this epoch and the ones after it, as planned (None without a planner)."""
+        if self.planner is None or self.planner.sample_pruner is None:
+            return None
+        epoch, max_epochs = self._epochs()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sizes = self.planner.sample_pruner.expected_sizes(epoch, self.sample_info(), max_epochs)
+        return sum(math.ceil(math.ceil(size / world) / self.batch_size) for size in sizes)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_examples, shuffle=False)
+        return self._loader(IndexedExamples(self.val_examples))
 
     def predict_dataloader(self, limit: int | None = None) -> DataLoader:
         """The first ``limit`` training rows in file order, unshuffled (for scoring a dataset without training)."""
-        return self._loader(self.train_examples[:limit], shuffle=False)
+        return self._loader(IndexedExamples(self.train_examples[:limit]))

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
 from qtuning.pruning.stats import BatchStats
+
+if TYPE_CHECKING:
+    from qtuning.pruning.sample_level import SamplePruner
 
 LOSS_NORMS = ("response", "nonpad")
 SCORINGS = ("separate", "shared")
@@ -57,6 +61,8 @@ class PruningPolicy(Callback, ABC):
 
     #: Whether `select` needs `token_nll`/`token_entropy`, i.e. a scoring forward before the training forward.
     needs_scores: bool = False
+    #: A dataset-level sample pruner whose plan each epoch trains on (see `ComboPolicy`); None: every sample.
+    sample_pruner: SamplePruner | None = None
 
     def __init__(self, loss_norm: str = "response", scoring: str = "separate") -> None:
         self.loss_norm = check_choice("loss_norm", loss_norm, LOSS_NORMS)
