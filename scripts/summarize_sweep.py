@@ -1,0 +1,317 @@
+"""Summarise a Hydra multirun: one CSV row per job, and a Markdown table in the layout of the paper's Table 1.
+
+    python scripts/summarize_sweep.py logs/train/multiruns/2025-01-01_12-00-00
+    python scripts/summarize_sweep.py SWEEP_DIR --metrics val/loss val/ppl arc_easy/acc --out results/table1
+
+Writes PREFIX.csv and PREFIX.md (PREFIX defaults to SWEEP_DIR/summary) and prints the Markdown.
+
+Every directory below SWEEP_DIR holding ``.hydra/hydra.yaml`` is a job; one without ``metrics.json`` (crashed, killed
+or still running) is listed as missing. The table has one block per budget (r_sample × r_token); its rows are sample
+pruner × token pruner (``pruner=qtuning`` is "Q-Tuning"; ``pruner=none`` is "Full data", shown in every block and
+counted once per seed, as it ignores the budget; a pruner without token pruning has token pruner "—"). Overrides
+that differ between jobs split the table further: ``pruner.*`` ones into rows of their own (e.g. a λ sweep), the
+others (model, data, batch, ...) into blocks of their own, so that every row is compared with the Random / Random
+and Full-data rows trained like it. Jobs that differ only by ``seed`` share a row: mean ± sample std and their
+number n. Default metrics: val/loss, val/ppl and every task metric found (any key outside val/, train/, trainer/,
+prune/ and runtime_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qtuning.errors import QTuningError, exit_on_bad_input  # noqa: E402
+
+NAMES = {
+    "random": "Random",
+    "longest": "Longest",
+    "shortest": "Shortest",
+    "infobatch": "InfoBatch",
+    "entropy": "Entropy",
+    "ppl": "PPL",
+    "fastv": "FastV",
+    "sparsevlm": "SparseVLM",
+    "rho1": "Rho-1",
+    "random_batch": "Random (in-batch)",
+}
+QTUNING = "Q-Tuning"
+FULL = "Full data"
+NO_TOKEN = "—"
+SAMPLE_ORDER = ["Random", "Longest", "Shortest", "InfoBatch", "Entropy"]  # then unknown names, Q-Tuning, Full data
+TOKEN_ORDER = ["Random", "PPL", "FastV", "SparseVLM", "Rho-1", NO_TOKEN]
+DEFAULT_METRICS = ["val/loss", "val/ppl"]
+RUN_METRIC_PREFIXES = ("val/", "train/", "trainer/", "prune/")
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
+# Columns of their own, never row or block splitters: seed in particular, so that replicates share a row.
+OWN_COLUMNS = {"pruner", "pruner/sample", "pruner/token", "budget", "seed"}
+CSV_FIXED = ["job", "status", "pruner", "sample_pruner", "token_pruner", "budget", "r_sample", "r_token", "seed"]
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise QTuningError(f"{path}: cannot read ({err.__class__.__name__}: {err})") from None
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise QTuningError(f"{path}: cannot read ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise QTuningError(f"{path}: expected a JSON object of metrics")
+    return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``key=value`` as written on the command line; ``+``/``++`` dropped, a deletion ``~key`` has value ``~``."""
+    if text.startswith("~"):
+        return text[1:].split("=", 1)[0], "~"
+    key, _, value = text.lstrip("+").partition("=")
+    return key, value
+
+
+def label(name: Any) -> str:
+    return NO_TOKEN if name in (None, "none") else NAMES.get(str(name), str(name))
+
+
+def pruner_labels(choices: dict[str, Any]) -> tuple[str, str]:
+    """(sample pruner, token pruner) as the paper names them, from Hydra's config-group choices."""
+    pruner = str(choices.get("pruner"))
+    if pruner == "qtuning":
+        return QTUNING, NO_TOKEN
+    if pruner == "none":
+        return FULL, NO_TOKEN
+    if "pruner/sample" in choices or "pruner/token" in choices:  # combo, or a preset built on it (pruner=random)
+        return label(choices.get("pruner/sample")), label(choices.get("pruner/token"))
+    return label(pruner), NO_TOKEN
+
+
+def ratio(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def load_job(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    hydra_dir = job_dir / ".hydra"
+    hydra_cfg = read_yaml(hydra_dir / "hydra.yaml") or {}
+    choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    config = read_yaml(hydra_dir / "config.yaml") or {}
+    overrides = dict(parse_override(str(o)) for o in read_yaml(hydra_dir / "overrides.yaml") or [])
+    budget = config.get("budget") or {}
+    sample, token = pruner_labels(choices)
+    metrics_file = job_dir / "metrics.json"
+    return {
+        "job": job_dir.relative_to(sweep_dir).as_posix(),
+        "status": "done" if metrics_file.exists() else "missing",
+        "pruner": choices.get("pruner"),
+        "sample": sample,
+        "token": token,
+        "budget": choices.get("budget"),
+        "r_sample": ratio(budget.get("r_sample")),
+        "r_token": ratio(budget.get("r_token")),
+        "seed": config.get("seed"),
+        "overrides": {k: v for k, v in overrides.items() if k not in OWN_COLUMNS},
+        "metrics": read_metrics(metrics_file) if metrics_file.exists() else {},
+    }
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every Hydra job below ``sweep_dir`` (finished or not), sorted by directory."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise QTuningError(f"{sweep_dir}: no such directory")
+    job_dirs = sorted({p.parent.parent for p in sweep_dir.rglob(".hydra/hydra.yaml")})
+    if not job_dirs:
+        raise QTuningError(f"{sweep_dir}: no Hydra job found (no .hydra/hydra.yaml below it)")
+    return [load_job(d, sweep_dir) for d in job_dirs]
+
+
+def default_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """val/loss, val/ppl, then every task metric (e.g. arc_easy/acc) that some job reports."""
+    found = set().union(*(r["metrics"] for r in rows))
+    tasks = sorted(k for k in found if not k.startswith(RUN_METRIC_PREFIXES) and k != "runtime_s")
+    return DEFAULT_METRICS + tasks
+
+
+def varying_keys(rows: list[dict[str, Any]]) -> set[str]:
+    """Override keys whose value is not the same in every job (absent counts as a value)."""
+    keys = set().union(*(r["overrides"] for r in rows))
+    return {k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1}
+
+
+def pct(r: float) -> str:
+    return f"{100 * r:g}%"
+
+
+def block_title(r_sample: float | None, r_token: float | None, budget: str | None) -> str:
+    if r_sample is None or r_token is None:
+        return f"budget {budget}"
+    return f"{pct(r_sample)} samples × {pct(r_token)} tokens"
+
+
+def row_order(sample: str, token: str) -> tuple[int, str, int, str]:
+    if sample in SAMPLE_ORDER:
+        s_rank = SAMPLE_ORDER.index(sample)
+    else:
+        s_rank = len(SAMPLE_ORDER) + {QTUNING: 1, FULL: 2}.get(sample, 0)
+    t_rank = TOKEN_ORDER.index(token) if token in TOKEN_ORDER else len(TOKEN_ORDER)
+    return s_rank, sample, t_rank, token
+
+
+def stats(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def signed(delta: float) -> str:
+    return f"{round(delta, 3) + 0.0:+.3f}".replace("-", "−")  # + 0.0: no "−0.000"
+
+
+def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> str:
+    values = [r["metrics"][metric] for r in group if metric in r["metrics"]]
+    if not values:
+        return "—"
+    mean, std = stats(values)
+    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    if len(values) < len(group):
+        text += f" (n={len(values)})"
+    deltas = []
+    for base in baselines:
+        base_values = [r["metrics"][metric] for r in base or [] if metric in r["metrics"]]
+        deltas.append("—" if base is group or not base_values else signed(mean - statistics.fmean(base_values)))
+    return f"{text} ({' / '.join(deltas)})"
+
+
+def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
+    """The Markdown summary: common overrides, the table in Table 1's layout, its legend, the missing jobs."""
+    done = [r for r in rows if r["status"] == "done"]
+    varying = varying_keys(rows)
+    variant_keys = sorted(k for k in varying if k.startswith(("pruner.", "pruner/")))
+    context_keys = sorted(k for k in varying if k not in variant_keys and not k.startswith("budget"))
+
+    # context → budget (None for full data) → (sample, token, variant) → jobs
+    groups: dict[tuple, dict[tuple | None, dict[tuple, list[dict]]]] = defaultdict(lambda: defaultdict(dict))
+    titles: dict[tuple, str] = {}
+    full_seen = set()
+    for r in done:
+        context = tuple((k, r["overrides"].get(k, "—")) for k in context_keys)
+        variant = tuple(f"{k}={r['overrides'][k]}" for k in variant_keys if k in r["overrides"])
+        budget = None if r["sample"] == FULL else (r["r_sample"] or 0.0, r["r_token"] or 0.0, str(r["budget"]))
+        if budget is not None:
+            titles[budget] = block_title(r["r_sample"], r["r_token"], r["budget"])
+        elif (context, variant, r["seed"]) in full_seen:
+            continue  # the same full-data run again under another budget: not a replicate
+        else:
+            full_seen.add((context, variant, r["seed"]))
+        groups[context][budget].setdefault((r["sample"], r["token"], variant), []).append(r)
+
+    lines = []
+    common = sorted({f"{k}={v}" for r in rows for k, v in r["overrides"].items() if k not in varying})
+    if common:
+        lines += ["Same in every job: " + " ".join(f"`{o}`" for o in common), ""]
+    lines += [
+        "| Sample pruner | Token pruner | n | " + " | ".join(metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
+    for context in sorted(groups):
+        blocks = groups[context]
+        full_rows = blocks.get(None, {})
+        full = full_rows.get((FULL, NO_TOKEN, ()))
+        suffix = "".join(f" · {k}={v}" for k, v in context)
+        for budget in sorted((b for b in blocks if b is not None), key=lambda b: b[:2]) or [None]:
+            heading = (titles[budget] if budget is not None else FULL) + suffix
+            lines.append(f"| **{heading}** |" + " |" * (2 + len(metrics)))
+            block = dict(blocks.get(budget, {})) if budget is not None else {}
+            block.update(full_rows)  # the full-data rows in every block, as in the paper
+            random_random = block.get(("Random", "Random", ()))
+            for sample, token, variant in sorted(block, key=lambda k: (*row_order(k[0], k[1]), k[2])):
+                group = block[sample, token, variant]
+                name = sample + (f" ({', '.join(variant)})" if variant else "")
+                cells = [cell(group, m, [random_random, full]) for m in metrics]
+                lines.append(f"| {name} | {token} | {len(group)} | " + " | ".join(cells) + " |")
+
+    lines += [
+        "",
+        "Each cell: the mean over the row's n jobs (± their sample standard deviation when n > 1), then in brackets "
+        "its difference to Random / Random of the same block and to Full data; — where that row is missing or is "
+        "the row itself.",
+    ]
+    if full_seen:
+        lines[-1] += " Full data counts one job per seed, whatever its budget (which it ignores)."
+    lower = [m for m in metrics if any(word in m.lower() for word in LOWER_IS_BETTER)]
+    if lower:
+        lines[-1] += f" Lower is better for losses and perplexities ({', '.join(lower)})."
+    if not done:
+        lines += ["", "No job has finished."]
+    missing = [r for r in rows if r["status"] == "missing"]
+    if missing:
+        lines += ["", f"**Missing** (no metrics.json: crashed, killed or still running), {len(missing)} job(s):"]
+        for r in missing:
+            budget = "" if r["sample"] == FULL else f", {block_title(r['r_sample'], r['r_token'], r['budget'])}"
+            lines.append(f"- `{r['job']}`: {r['sample']} / {r['token']}{budget}")
+    return "\n".join(lines) + "\n"
+
+
+def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Fixed columns, then every override key, then every metric (each sorted)."""
+    overrides = sorted(set().union(*(r["overrides"] for r in rows)))
+    metrics = sorted(set().union(*(r["metrics"] for r in rows)))
+    return CSV_FIXED + overrides + metrics
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=csv_columns(rows))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(
+                {
+                    "job": r["job"],
+                    "status": r["status"],
+                    "pruner": r["pruner"],
+                    "sample_pruner": r["sample"],
+                    "token_pruner": r["token"],
+                    "budget": r["budget"],
+                    "r_sample": r["r_sample"],
+                    "r_token": r["r_token"],
+                    "seed": r["seed"],
+                    **r["overrides"],
+                    **r["metrics"],
+                }
+            )
+
+
+@exit_on_bad_input
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR")
+    parser.add_argument("--metrics", nargs="+", default=None, help="table columns (default: see above)")
+    parser.add_argument("--out", type=Path, default=None, help="write PREFIX.csv and PREFIX.md (SWEEP_DIR/summary)")
+    args = parser.parse_args(argv)
+    rows = collect(args.sweep_dir)
+    metrics = args.metrics or default_metrics(rows)
+    for m in metrics:
+        if not any(m in r["metrics"] for r in rows):
+            print(f"warning: no job of {args.sweep_dir} has the metric {m}", file=sys.stderr)
+    text = f"# Sweep {args.sweep_dir}\n\n" + table(rows, metrics)
+    prefix = args.out or args.sweep_dir / "summary"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, prefix.with_name(prefix.name + ".csv"))
+    prefix.with_name(prefix.name + ".md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

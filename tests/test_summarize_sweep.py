@@ -1,0 +1,221 @@
+"""scripts/summarize_sweep.py on hand-made job directories, and on a real two-job multirun of the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.core.global_hydra import GlobalHydra
+
+from tests.conftest import ROOT, TINY_OVERRIDES
+
+spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts" / "summarize_sweep.py")
+summarize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summarize)
+
+BUDGETS = {"s25_t50": (0.25, 0.5), "s12_t70": (0.125, 0.7), "full": (1.0, 1.0)}
+
+
+def make_job(
+    sweep: Path, name: str, pruner: str, budget: str, val_loss: float | None, *extra: str, seed: int = 42
+) -> Path:
+    """A job directory as Hydra and qtuning.train leave it; ``pruner`` is ``NAME:SAMPLE:TOKEN`` (combo, or a preset
+    built on it) or a plain name."""
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    choices = {"pruner": pruner.split(":")[0], "budget": budget, "model": "tiny_llama"}
+    overrides = [f"pruner={choices['pruner']}", f"budget={budget}", "model=tiny_llama", *extra]
+    if ":" in pruner:
+        _, sample, token = pruner.split(":")
+        choices |= {"pruner/sample": sample, "pruner/token": token}
+        if pruner.startswith("combo:"):
+            overrides += [f"pruner/sample={sample}", f"pruner/token={token}"]
+    r_sample, r_token = BUDGETS[budget]
+    config = {"seed": seed, "budget": {"r_sample": r_sample, "r_token": r_token}, "pruner": {"lam": 0.5}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if val_loss is not None:
+        metrics = {"val/loss": val_loss, "val/ppl": 2 * val_loss, "trainer/global_step": 3, "runtime_s": 1.5}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    return job
+
+
+def table_lines(sweep: Path, metrics: list[str]) -> list[str]:
+    return summarize.table(summarize.collect(sweep), metrics).splitlines()
+
+
+def test_table_one_block_per_budget_with_deltas(tmp_path):
+    make_job(tmp_path, "0", "combo:random:random", "s25_t50", 2.0)
+    make_job(tmp_path, "1", "combo:random:ppl", "s25_t50", 1.9)
+    make_job(tmp_path, "2", "qtuning", "s25_t50", 1.8)
+    make_job(tmp_path, "3", "none", "s25_t50", 1.5)
+    make_job(tmp_path, "4", "longest", "s25_t50", 2.1)
+    make_job(tmp_path, "7", "random:random:none", "s25_t50", 2.2)  # the pruner=random preset
+    make_job(tmp_path, "5", "combo:random:random", "s12_t70", 2.5)
+    make_job(tmp_path, "6", "qtuning", "s12_t70", 2.2)
+    lines = table_lines(tmp_path, ["val/loss"])
+    start = lines.index("| Sample pruner | Token pruner | n | val/loss |")
+    assert lines[start - 2] == "Same in every job: `model=tiny_llama`"
+    assert lines[start + 1 : start + 14] == [
+        "|---|---|---|---|",
+        "| **12.5% samples × 70% tokens** | | | |",
+        "| Random | Random | 1 | 2.500 (— / +1.000) |",
+        "| Q-Tuning | — | 1 | 2.200 (−0.300 / +0.700) |",
+        "| Full data | — | 1 | 1.500 (−1.000 / —) |",
+        "| **25% samples × 50% tokens** | | | |",
+        "| Random | Random | 1 | 2.000 (— / +0.500) |",
+        "| Random | PPL | 1 | 1.900 (−0.100 / +0.400) |",
+        "| Random | — | 1 | 2.200 (+0.200 / +0.700) |",
+        "| Longest | — | 1 | 2.100 (+0.100 / +0.600) |",
+        "| Q-Tuning | — | 1 | 1.800 (−0.200 / +0.300) |",
+        "| Full data | — | 1 | 1.500 (−0.500 / —) |",
+        "",
+    ]
+    legend = lines[start + 14]
+    assert "difference to Random / Random of the same block and to Full data" in legend
+    assert legend.endswith("Lower is better for losses and perplexities (val/loss).")
+    assert not any("Missing" in line for line in lines)
+
+
+def test_seeds_share_a_row_with_mean_std_and_n(tmp_path):
+    for seed, loss in [(1, 1.0), (2, 2.0), (3, 3.0)]:
+        make_job(tmp_path, f"q{seed}", "qtuning", "s25_t50", loss, f"seed={seed}", seed=seed)
+    for seed, loss in [(1, 3.0), (2, 4.0)]:
+        make_job(tmp_path, f"r{seed}", "combo:random:random", "s25_t50", loss, f"seed={seed}", seed=seed)
+    # full data ignores the budget: seed 1 twice is one run, not two replicates
+    for seed, budget, loss in [(1, "s25_t50", 1.5), (1, "s12_t70", 1.5), (2, "s25_t50", 2.5)]:
+        make_job(tmp_path, f"f{seed}{budget}", "none", budget, loss, f"seed={seed}", seed=seed)
+    lines = table_lines(tmp_path, ["val/loss", "val/ppl"])
+    start = lines.index("| **25% samples × 50% tokens** | | | | |")
+    assert lines[start + 1 : start + 5] == [
+        "| Random | Random | 2 | 3.500 ± 0.707 (— / +1.500) | 7.000 ± 1.414 (— / +3.000) |",
+        "| Q-Tuning | — | 3 | 2.000 ± 1.000 (−1.500 / +0.000) | 4.000 ± 2.000 (−3.000 / +0.000) |",
+        "| Full data | — | 2 | 2.000 ± 0.707 (−1.500 / —) | 4.000 ± 1.414 (−3.000 / —) |",
+        "",
+    ]
+    assert "Full data counts one job per seed, whatever its budget (which it ignores)." in lines[start + 5]
+
+
+def test_pruner_overrides_split_rows_and_other_overrides_split_blocks(tmp_path):
+    for i, (model, lam, loss) in enumerate([("a", "0.3", 1.0), ("a", "0.7", 1.2), ("b", "0.3", 2.0)]):
+        make_job(tmp_path, f"q{i}", "qtuning", "s25_t50", loss, f"pruner.lam={lam}", f"data={model}")
+    make_job(tmp_path, "ra", "combo:random:random", "s25_t50", 1.1, "data=a")
+    make_job(tmp_path, "fb", "none", "full", 2.5, "data=b")
+    lines = table_lines(tmp_path, ["val/loss"])
+    start = lines.index("| **25% samples × 50% tokens · data=a** | | | |")
+    assert lines[start + 1 : start + 6] == [
+        "| Random | Random | 1 | 1.100 (— / —) |",
+        "| Q-Tuning (pruner.lam=0.3) | — | 1 | 1.000 (−0.100 / —) |",
+        "| Q-Tuning (pruner.lam=0.7) | — | 1 | 1.200 (+0.100 / —) |",
+        "| **25% samples × 50% tokens · data=b** | | | |",
+        "| Q-Tuning (pruner.lam=0.3) | — | 1 | 2.000 (— / −0.500) |",
+    ]
+    assert lines[start + 6] == "| Full data | — | 1 | 2.500 (— / —) |"
+
+
+def test_missing_jobs_are_listed_and_kept_in_the_csv(tmp_path):
+    make_job(tmp_path, "pruner=qtuning", "qtuning", "s25_t50", 1.0)
+    make_job(tmp_path, "pruner=none", "none", "s25_t50", None)
+    make_job(tmp_path, "pruner=combo", "combo:random:ppl", "s12_t70", None)
+    lines = table_lines(tmp_path, ["val/loss"])
+    at = lines.index("**Missing** (no metrics.json: crashed, killed or still running), 2 job(s):")
+    assert lines[at + 1 :] == [
+        "- `pruner=combo`: Random / PPL, 12.5% samples × 70% tokens",
+        "- `pruner=none`: Full data / —",
+    ]
+    assert "| Q-Tuning | — | 1 | 1.000 (— / —) |" in lines
+
+
+def test_cli_writes_csv_and_markdown(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    make_job(sweep, "a", "combo:random:ppl", "s25_t50", 1.0, "seed=1", seed=1)
+    make_job(sweep, "b", "qtuning", "s25_t50", 2.0, "pruner.lam=0.3", "seed=2", seed=2)
+    make_job(sweep, "c", "none", "s25_t50", None, "seed=3", seed=3)
+    summarize.main([str(sweep), "--out", str(tmp_path / "out" / "t1")])
+    markdown = (tmp_path / "out" / "t1.md").read_text()
+    assert capsys.readouterr().out == markdown
+    assert markdown.startswith(f"# Sweep {sweep}\n")
+    assert "| Sample pruner | Token pruner | n | val/loss | val/ppl |" in markdown  # the default metrics
+    with (tmp_path / "out" / "t1.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == [
+        *("job", "status", "pruner", "sample_pruner", "token_pruner", "budget", "r_sample", "r_token", "seed"),
+        *("model", "pruner.lam"),
+        *("runtime_s", "trainer/global_step", "val/loss", "val/ppl"),
+    ]
+    assert [(r["job"], r["status"], r["sample_pruner"], r["token_pruner"]) for r in rows] == [
+        ("a", "done", "Random", "PPL"),
+        ("b", "done", "Q-Tuning", "—"),
+        ("c", "missing", "Full data", "—"),
+    ]
+    assert rows[1] == {
+        **{"job": "b", "status": "done", "pruner": "qtuning", "sample_pruner": "Q-Tuning", "token_pruner": "—"},
+        **{"budget": "s25_t50", "r_sample": "0.25", "r_token": "0.5", "seed": "2", "model": "tiny_llama"},
+        **{"pruner.lam": "0.3", "runtime_s": "1.5", "trainer/global_step": "3", "val/loss": "2.0", "val/ppl": "4.0"},
+    }
+    assert rows[2]["val/loss"] == "" and rows[0]["pruner.lam"] == ""
+
+
+def test_default_metrics_add_task_metrics():
+    rows = [{"metrics": {"val/loss": 1.0, "arc_easy/acc": 0.5, "prune/kept_samples": 0.2, "runtime_s": 3.0}}]
+    assert summarize.default_metrics(rows) == ["val/loss", "val/ppl", "arc_easy/acc"]
+
+
+@pytest.mark.parametrize("make", [False, True], ids=["no-such-dir", "empty-dir"])
+def test_bad_sweep_dir_one_clear_line(tmp_path, capsys, make):
+    sweep = tmp_path / "sweep"
+    if make:
+        sweep.mkdir()
+        (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([str(sweep)])
+    assert exit_info.value.code == 2
+    reason = "no Hydra job found (no .hydra/hydra.yaml below it)" if make else "no such directory"
+    assert capsys.readouterr().err == f"error: {sweep}: {reason}\n"
+
+
+def test_real_multirun_summarized(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    argv = ["qtuning.train", "-m", *TINY_OVERRIDES, "pruner=none,qtuning", "budget=s25_t50", "trainer.max_steps=2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "validate_before_fit=false", f"hydra.sweep.dir={sweep}"])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()
+    try:
+        runpy.run_module("qtuning.train", run_name="__main__")  # as `python -m`: Hydra finds conf/ from the file
+    finally:  # Hydra configured logging for its jobs: give the root logger back to pytest
+        GlobalHydra.instance().clear()
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    capsys.readouterr()
+    summarize.main([str(sweep), "--metrics", "val/loss"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| **25% samples × 50% tokens** | | | |" in lines
+    assert sum(line.startswith("| Q-Tuning | — | 1 | ") for line in lines) == 1
+    assert sum(line.startswith("| Full data | — | 1 | ") for line in lines) == 1
+    assert not any("Missing" in line for line in lines)
+    with (sweep / "summary.csv").open() as f:
+        assert sorted((r["pruner"], r["status"], r["budget"]) for r in csv.DictReader(f)) == [
+            ("none", "done", "s25_t50"),
+            ("qtuning", "done", "s25_t50"),
+        ]
+
+
+def test_a_metric_some_jobs_lack_shows_its_own_count(tmp_path):
+    make_job(tmp_path, "a", "qtuning", "s25_t50", 1.0, "seed=1", seed=1)
+    make_job(tmp_path, "b", "qtuning", "s25_t50", 3.0, "seed=2", seed=2)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text()) | {"arc_easy/acc": 0.5}
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(metrics))
+    lines = table_lines(tmp_path, ["val/loss", "arc_easy/acc"])
+    assert "| Q-Tuning | — | 2 | 2.000 ± 1.414 (— / —) | 0.500 (n=1) (— / —) |" in lines
