@@ -54,8 +54,9 @@ TOKEN_ORDER = ["Random", "PPL", "FastV", "SparseVLM", "Rho-1", NO_TOKEN]
 DEFAULT_METRICS = ["val/loss", "val/ppl"]
 RUN_METRIC_PREFIXES = ("val/", "train/", "trainer/", "prune/")
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
-# Columns of their own, never row or block splitters: seed in particular, so that replicates share a row.
-OWN_COLUMNS = {"pruner", "pruner/sample", "pruner/token", "budget", "seed"}
+# Columns of their own, never row or block splitters: seed in particular, so that replicates share a row; a
+# ``method`` (conf/method/) is only a name for the pruner choices it sets.
+OWN_COLUMNS = {"pruner", "pruner/sample", "pruner/token", "budget", "seed", "method"}
 CSV_FIXED = ["job", "status", "pruner", "sample_pruner", "token_pruner", "budget", "r_sample", "r_token", "seed"]
 
 
