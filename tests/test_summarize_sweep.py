@@ -219,3 +219,17 @@ def test_a_metric_some_jobs_lack_shows_its_own_count(tmp_path):
     (tmp_path / "a" / "metrics.json").write_text(json.dumps(metrics))
     lines = table_lines(tmp_path, ["val/loss", "arc_easy/acc"])
     assert "| Q-Tuning | — | 2 | 2.000 ± 1.414 (— / —) | 0.500 (n=1) (— / —) |" in lines
+
+
+def test_method_names_the_row_and_splits_nothing(tmp_path):
+    # sweep=table1 jobs carry method=<sample>_<token>: it differs between jobs but only names the pruner choices
+    make_job(tmp_path, "0", "combo:random:random", "s25_t50", 2.0, "method=random_random")
+    make_job(tmp_path, "1", "combo:infobatch:ppl", "s25_t50", 1.9, "method=infobatch_ppl")
+    make_job(tmp_path, "2", "qtuning", "s25_t50", 1.8, "method=qtuning")
+    lines = table_lines(tmp_path, ["val/loss"])
+    start = lines.index("| **25% samples × 50% tokens** | | | |")
+    assert lines[start + 1 : start + 4] == [
+        "| Random | Random | 1 | 2.000 (— / —) |",
+        "| InfoBatch | PPL | 1 | 1.900 (−0.100 / —) |",
+        "| Q-Tuning | — | 1 | 1.800 (−0.200 / —) |",
+    ]
