@@ -48,11 +48,13 @@ NAMES = {
 }
 QTUNING = "Q-Tuning"
 FULL = "Full data"
+ZERO_SHOT = "Zero-shot (base)"  # a `python -m qtuning.eval` job: the model before any fine-tuning
+BUDGETLESS = (FULL, ZERO_SHOT)  # rows that ignore the budget: shown in every block
 NO_TOKEN = "—"
 SAMPLE_ORDER = ["Random", "Longest", "Shortest", "InfoBatch", "Entropy"]  # then unknown names, Q-Tuning, Full data
 TOKEN_ORDER = ["Random", "PPL", "FastV", "SparseVLM", "Rho-1", NO_TOKEN]
 DEFAULT_METRICS = ["val/loss", "val/ppl"]
-RUN_METRIC_PREFIXES = ("val/", "train/", "trainer/", "prune/")
+RUN_METRIC_PREFIXES = ("val/", "train/", "trainer/", "prune/", "eval/")
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 # Columns of their own, never row or block splitters: seed in particular, so that replicates share a row; a
 # ``method`` (conf/method/) is only a name for the pruner choices it sets.
@@ -91,6 +93,8 @@ def label(name: Any) -> str:
 
 def pruner_labels(choices: dict[str, Any]) -> tuple[str, str]:
     """(sample pruner, token pruner) as the paper names them, from Hydra's config-group choices."""
+    if "pruner" not in choices:
+        return ZERO_SHOT, NO_TOKEN
     pruner = str(choices.get("pruner"))
     if pruner == "qtuning":
         return QTUNING, NO_TOKEN
@@ -143,7 +147,9 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 def default_metrics(rows: list[dict[str, Any]]) -> list[str]:
     """val/loss, val/ppl, then every task metric (e.g. arc_easy/acc) that some job reports."""
     found = set().union(*(r["metrics"] for r in rows))
-    tasks = sorted(k for k in found if not k.startswith(RUN_METRIC_PREFIXES) and k != "runtime_s")
+    tasks = sorted(
+        k for k in found if not k.startswith(RUN_METRIC_PREFIXES) and k != "runtime_s" and not k.endswith("_stderr")
+    )
     return DEFAULT_METRICS + tasks
 
 
@@ -167,7 +173,7 @@ def row_order(sample: str, token: str) -> tuple[int, str, int, str]:
     if sample in SAMPLE_ORDER:
         s_rank = SAMPLE_ORDER.index(sample)
     else:
-        s_rank = len(SAMPLE_ORDER) + {QTUNING: 1, FULL: 2}.get(sample, 0)
+        s_rank = -1 if sample == ZERO_SHOT else len(SAMPLE_ORDER) + {QTUNING: 1, FULL: 2}.get(sample, 0)
     t_rank = TOKEN_ORDER.index(token) if token in TOKEN_ORDER else len(TOKEN_ORDER)
     return s_rank, sample, t_rank, token
 
@@ -185,6 +191,8 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
     if not values:
         return "—"
     mean, std = stats(values)
+    if std is None and f"{metric}_stderr" in group[0]["metrics"]:  # one job: the standard error lm-eval reports
+        std = group[0]["metrics"][f"{metric}_stderr"]
     text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
     if len(values) < len(group):
         text += f" (n={len(values)})"
@@ -197,8 +205,10 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
 
 def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """The Markdown summary: common overrides, the table in Table 1's layout, its legend, the missing jobs."""
-    done = [r for r in rows if r["status"] == "done"]
-    varying = varying_keys(rows)
+    # zero-shot jobs (`qtuning.eval` of the base model) share no training overrides: they join every block as they are
+    zero_shot = [r for r in rows if r["status"] == "done" and r["sample"] == ZERO_SHOT]
+    done = [r for r in rows if r["status"] == "done" and r["sample"] != ZERO_SHOT]
+    varying = varying_keys([r for r in rows if r["sample"] != ZERO_SHOT])
     variant_keys = sorted(k for k in varying if k.startswith(("pruner.", "pruner/")))
     context_keys = sorted(k for k in varying if k not in variant_keys and not k.startswith("budget"))
 
@@ -209,7 +219,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     for r in done:
         context = tuple((k, r["overrides"].get(k, "—")) for k in context_keys)
         variant = tuple(f"{k}={r['overrides'][k]}" for k in variant_keys if k in r["overrides"])
-        budget = None if r["sample"] == FULL else (r["r_sample"] or 0.0, r["r_token"] or 0.0, str(r["budget"]))
+        budget = None if r["sample"] in BUDGETLESS else (r["r_sample"] or 0.0, r["r_token"] or 0.0, str(r["budget"]))
         if budget is not None:
             titles[budget] = block_title(r["r_sample"], r["r_token"], r["budget"])
         elif (context, variant, r["seed"]) in full_seen:
@@ -219,16 +229,22 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
         groups[context][budget].setdefault((r["sample"], r["token"], variant), []).append(r)
 
     lines = []
-    common = sorted({f"{k}={v}" for r in rows for k, v in r["overrides"].items() if k not in varying})
+    common = sorted(
+        {f"{k}={v}" for r in rows if r["sample"] != ZERO_SHOT for k, v in r["overrides"].items() if k not in varying}
+    )
     if common:
         lines += ["Same in every job: " + " ".join(f"`{o}`" for o in common), ""]
     lines += [
         "| Sample pruner | Token pruner | n | " + " | ".join(metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
     ]
+    if zero_shot and not groups:
+        groups[()] = defaultdict(dict)
     for context in sorted(groups):
         blocks = groups[context]
-        full_rows = blocks.get(None, {})
+        if zero_shot:
+            blocks[None][(ZERO_SHOT, NO_TOKEN, ())] = zero_shot
+        full_rows = blocks.get(None, {})  # full data and zero-shot
         full = full_rows.get((FULL, NO_TOKEN, ()))
         suffix = "".join(f" · {k}={v}" for k, v in context)
         for budget in sorted((b for b in blocks if b is not None), key=lambda b: b[:2]) or [None]:
@@ -245,7 +261,8 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
 
     lines += [
         "",
-        "Each cell: the mean over the row's n jobs (± their sample standard deviation when n > 1), then in brackets "
+        "Each cell: the mean over the row's n jobs (± their sample standard deviation when n > 1, or the standard "
+        "error lm-eval reports for a single job's task metric), then in brackets "
         "its difference to Random / Random of the same block and to Full data; — where that row is missing or is "
         "the row itself.",
     ]
@@ -260,7 +277,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     if missing:
         lines += ["", f"**Missing** (no metrics.json: crashed, killed or still running), {len(missing)} job(s):"]
         for r in missing:
-            budget = "" if r["sample"] == FULL else f", {block_title(r['r_sample'], r['r_token'], r['budget'])}"
+            budget = "" if r["sample"] in BUDGETLESS else f", {block_title(r['r_sample'], r['r_token'], r['budget'])}"
             lines.append(f"- `{r['job']}`: {r['sample']} / {r['token']}{budget}")
     return "\n".join(lines) + "\n"
 

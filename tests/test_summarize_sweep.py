@@ -233,3 +233,24 @@ def test_method_names_the_row_and_splits_nothing(tmp_path):
         "| InfoBatch | PPL | 1 | 1.900 (−0.100 / —) |",
         "| Q-Tuning | — | 1 | 1.800 (−0.200 / —) |",
     ]
+
+
+def test_zero_shot_joins_every_block_and_single_jobs_show_lm_eval_standard_errors(tmp_path):
+    for name, pruner, acc, stderr in [("r", "combo:random:random", 0.4, 0.03), ("q", "qtuning", 0.45, 0.025)]:
+        job = make_job(tmp_path / "train", name, pruner, "s25_t50", 2.0, "trainer.max_epochs=3")
+        (job / "metrics.json").write_text(json.dumps({"arc_easy/acc": acc, "arc_easy/acc_stderr": stderr}))
+    zero_shot = tmp_path / "zero_shot"  # a `qtuning.eval` job: no pruner, no budget, none of the training overrides
+    (zero_shot / ".hydra").mkdir(parents=True)
+    choices = {"model": "smollm2_135m", "eval": "mini"}
+    (zero_shot / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (zero_shot / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 42}))
+    (zero_shot / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["eval=mini"]))
+    (zero_shot / "metrics.json").write_text(json.dumps({"arc_easy/acc": 0.5, "arc_easy/acc_stderr": 0.02}))
+    lines = table_lines(tmp_path, ["arc_easy/acc"])
+    assert lines[0] == "Same in every job: `model=tiny_llama` `trainer.max_epochs=3`"
+    start = lines.index("| **25% samples × 50% tokens** | | | |")
+    assert lines[start + 1 : start + 4] == [
+        "| Zero-shot (base) | — | 1 | 0.500 ± 0.020 (+0.100 / —) |",
+        "| Random | Random | 1 | 0.400 ± 0.030 (— / —) |",
+        "| Q-Tuning | — | 1 | 0.450 ± 0.025 (+0.050 / —) |",
+    ]
