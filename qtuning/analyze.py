@@ -28,7 +28,7 @@ from tqdm import tqdm
 from qtuning import IGNORE_INDEX
 from qtuning.config import check_config, instantiate_key
 from qtuning.dashboard import QUADRANTS, eu_plane_figure
-from qtuning.errors import QTuningError, exit_on_bad_input
+from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import scoring_forward
 from qtuning.outputs import write_atomic
@@ -122,4 +122,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

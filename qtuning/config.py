@@ -28,6 +28,9 @@ OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no model or data, so that a typo fails in a second, naming the key."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise QTuningError(f"{', '.join(missing)}: required, but no value given (set it on the command line)")
     for key in ("r_sample", "r_token"):
         value = cfg.budget.get(key)
         if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,3 +32,17 @@ def exit_on_bad_input(fn: F) -> F:
             sys.exit(EXIT_BAD_INPUT)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a ``hydra.main`` entry point so that a config Hydra cannot compose (an unknown option or key, a malformed
+    override) is also one ``error:`` line with status 2, instead of Hydra's own report and status 1."""
+    from hydra.errors import HydraException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra then raises its errors instead of reporting and exiting
+    try:
+        main()
+    except HydraException as err:
+        message = str(err).split("Config search path")[0]  # the search path is Hydra's internals, not the user's
+        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)

@@ -10,7 +10,9 @@ Per training step:
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,9 +22,12 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from qtuning.errors import QTuningError
 from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_cross_entropy
+from qtuning.resume import NonFiniteLossError
 
 Batch = dict[str, Tensor]
+log = logging.getLogger(__name__)
 
 
 def select_rows(batch: Batch, rows: Tensor) -> Batch:
@@ -62,6 +67,7 @@ class SFTModule(LightningModule):
         policy: decides, per batch, which rows and positions count.
         optimizer: partial of a torch optimizer, called with the trainable parameters.
         scheduler: partial called with ``(optimizer, total_steps=...)`` returning a per-step LR scheduler, or None.
+        max_bad_steps: micro-batches in a row with a non-finite loss before the run stops (each one is skipped).
     """
 
     def __init__(
@@ -70,8 +76,14 @@ class SFTModule(LightningModule):
         policy: PruningPolicy,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        max_bad_steps: int = 10,
     ) -> None:
         super().__init__()
+        if max_bad_steps < 1:
+            raise QTuningError(f"max_bad_steps={max_bad_steps} must be at least 1")
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
+        self.bad_steps = 0
         self.model = model
         self.policy = policy
         self.optimizer_factory = optimizer
@@ -116,7 +128,7 @@ class SFTModule(LightningModule):
         scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
         return KeptForward(ce, weight, kept_rows, stats, decision, scored + kept["input_ids"].numel())
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if self._step_started is None:
             self._step_started = time.perf_counter()
         ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
@@ -128,6 +140,9 @@ class SFTModule(LightningModule):
         else:
             weight_ce = weight
         loss_sum = (ce * weight_ce).sum()
+        if not torch.isfinite(loss_sum):
+            return self.skip_nonfinite(batch_idx)
+        self.bad_steps_in_a_row = 0
         self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens = self._window_tokens.to(loss_sum.device) + weight.sum()
         self._window_input_tokens += int(batch["attention_mask"].sum())
@@ -147,6 +162,19 @@ class SFTModule(LightningModule):
         )
         # Lightning divides the returned value by accumulate_grad_batches; on_before_optimizer_step undoes that.
         return loss_sum
+
+    def skip_nonfinite(self, batch_idx: int) -> None:
+        """A non-finite loss: no backward pass, nothing accumulated (returning None skips the micro-batch)."""
+        self.bad_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.log("train/nonfinite_skipped", float(self.bad_steps), on_step=True, on_epoch=False)
+        log.warning("non-finite loss at batch %d: skipped (%d in a row)", batch_idx, self.bad_steps_in_a_row)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"max_bad_steps={self.max_bad_steps}: {self.bad_steps_in_a_row} micro-batches in a row had a "
+                "non-finite loss (lower optimizer.lr, or use model.dtype=fp32); the last finite state is saved"
+            )
+        return None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the summed gradients by the loss tokens of the whole accumulation window, over all devices."""
@@ -191,12 +219,16 @@ class SFTModule(LightningModule):
     # ---- checkpoints: frozen weights (the base model under LoRA) are rebuilt from the config, not saved ---------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         if frozen:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
             checkpoint["frozen_weights_omitted"] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:  # dropout and any other global draw continue where they were
+            torch.set_rng_state(checkpoint["rng_states"]["torch"])
+            random.setstate(checkpoint["rng_states"]["python"])
         if checkpoint.get("frozen_weights_omitted"):
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
@@ -207,11 +239,22 @@ class SFTModule(LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        total = self.planned_steps()
+        if total is None:
             raise ValueError("the LR schedule needs a finite run length: set trainer.max_steps or trainer.max_epochs")
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def planned_steps(self) -> int | None:
+        """Optimizer steps of the whole run: per epoch, its planned batches over the accumulation (Lightning steps
+        at an epoch's end even when the window is short), capped by max_steps. Not `estimated_stepping_batches`:
+        that builds a train loader early, and a resumed run could then not restore the loader's position."""
+        trainer = self.trainer
+        batches = getattr(trainer.datamodule, "batches_per_epoch", lambda: None)()
+        if batches is None:  # no epoch limit
+            return trainer.max_steps if trainer.max_steps > 0 else None
+        total = sum(math.ceil(b / trainer.accumulate_grad_batches) for b in batches)
+        return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
 
     def on_train_epoch_start(self) -> None:
         """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the schedule's end moves to

@@ -17,13 +17,17 @@ import lightning as L
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
+from qtuning.checkpoints import check_checkpoint
 from qtuning.config import check_config, instantiate_key
-from qtuning.errors import exit_on_bad_input
+from qtuning.errors import exit_on_bad_input, run_cli
+from qtuning.eval import evaluate, log_to_loggers
+from qtuning.evaluation.data import prepare_tasks
 from qtuning.loggers import build_loggers, describe_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule
 from qtuning.outputs import save_hf_model, write_atomic
 from qtuning.pruning import PruningPolicy
+from qtuning.resume import SaveOnInterrupt, resolve_resume
 
 log = logging.getLogger("qtuning.train")
 
@@ -35,6 +39,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = resolve_resume(cfg.get("resume"), checkpoint_dir)
+    if resume_from:
+        check_checkpoint(resume_from)  # a damaged file fails now, not after the data and the model are loaded
+    if cfg.get("eval"):  # unknown tasks or missing evaluation data fail now, not after training
+        prepare_tasks(list(cfg.eval.tasks), output_dir / "lm_eval_tasks", cfg.paths.cache_dir, cfg.eval.get("data_dir"))
 
     tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
     datamodule = instantiate_key(cfg.data, "data", tokenizer=tokenizer)
@@ -46,21 +56,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         policy,
         optimizer=instantiate_key(cfg.optimizer, "optimizer"),
         scheduler=instantiate_key(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
+        max_bad_steps=cfg.max_bad_steps,
     )
     callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
-    # A dataset-level sample pruner gives every epoch its own loader (and so its own number of steps).
-    per_epoch = {}
-    if policy.sample_pruner is not None:
+    callbacks.append(SaveOnInterrupt(str(checkpoint_dir)))
+    if policy.sample_pruner is not None:  # a dataset-level sample pruner plans each epoch's samples
         datamodule.planner = policy
-        per_epoch = {"reload_dataloaders_every_n_epochs": 1}
     loggers = build_loggers(cfg)
     try:
+        # Every epoch gets its own loader, which splits the data across processes itself (EpochSampler).
         trainer: L.Trainer = instantiate_key(
-            cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **per_epoch
+            cfg.trainer,
+            "trainer",
+            callbacks=callbacks,
+            logger=loggers or False,
+            reload_dataloaders_every_n_epochs=1,
+            use_distributed_sampler=False,
         )
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        metrics = fit_and_validate(cfg, trainer, module, datamodule)
+        metrics = fit_and_validate(cfg, trainer, module, datamodule, resume_from)
+        if cfg.get("eval") and trainer.is_global_zero:
+            task_metrics = evaluate(model, tokenizer, cfg.eval, cfg.paths.cache_dir, output_dir)
+            log_to_loggers(loggers, task_metrics, step=trainer.global_step)
+            metrics.update(task_metrics)
         wandb_note = describe_wandb(loggers)
     finally:
         wandb.finish()  # one W&B run per job, also when a multirun runs its jobs in one process
@@ -83,14 +102,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def fit_and_validate(
-    cfg: DictConfig, trainer: L.Trainer, module: SFTModule, datamodule: L.LightningDataModule
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: SFTModule,
+    datamodule: L.LightningDataModule,
+    resume_from: str | None = None,
 ) -> dict[str, float]:
-    """Validate (step 0), fit, validate again; the metrics of both ends."""
+    """Validate (step 0, unless resuming), fit, validate again; the metrics of both ends."""
     metrics: dict[str, float] = {}
     has_val = len(datamodule.val_examples) > 0
-    if has_val and cfg.validate_before_fit:
+    if has_val and cfg.validate_before_fit and resume_from is None:
         metrics["val/loss_start"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
     if has_val:
         end = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
@@ -119,4 +142,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

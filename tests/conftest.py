@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,12 @@ def add_callbacks(mp: pytest.MonkeyPatch, *callbacks: object) -> None:
         return original(node, key, **kwargs)
 
     mp.setattr(train_module, "instantiate_key", with_callbacks)
+
+
+def run_cli(*args: str, module: str = "qtuning.train", cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def tiny_cli_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [*TINY_OVERRIDES, f"hydra.run.dir={tmp_path}/run", *extra]

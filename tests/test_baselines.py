@@ -82,7 +82,7 @@ def test_infobatch_resumes_with_the_same_scores_and_plans(tiny_cfg, tmp_path):
     second_half = RecordPlans()
     with pytest.MonkeyPatch.context() as mp:
         add_callbacks(mp, second_half)
-        _, resumed = train(tiny_cfg(*run, f"ckpt_path={ckpt}"))
+        _, resumed = train(tiny_cfg(*run, f"resume={ckpt}"))
 
     assert sorted(first_half.plans) == [0, 1] and sorted(second_half.plans) == [2, 3]
     assert whole.plans[0].numel() == 40  # epoch 0: nothing pruned

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from qtuning.config import check_config
 from qtuning.errors import QTuningError
@@ -26,7 +27,13 @@ def test_every_group_has_options():
 def test_every_option_composes(tmp_path, group, option):
     cfg = compose_train([f"{group}={option}"], tmp_path)
     assert cfg.model.name and cfg.trainer._target_
-    check_config(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))  # the values a user must give: the data file of a data option
+    assert set(missing) <= {"data.path", "data.format"}
+    if missing:
+        with pytest.raises(QTuningError, match=f"{', '.join(missing)}: required, but no value given"):
+            check_config(cfg)
+    else:
+        check_config(cfg)
 
 
 @pytest.mark.parametrize("option", options("pruner"))

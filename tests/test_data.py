@@ -171,7 +171,10 @@ BAD_INPUTS = [
         "prompt_completion",
         r"arr\.json:3: malformed JSON",
     ),
-    ("empty.jsonl", "", "prompt_completion", r"empty\.jsonl: file is empty"),
+    ("empty.jsonl", "", "prompt_completion", r"data\.path=.*empty\.jsonl: no rows$"),
+    ("blank.json", " \n", "prompt_completion", r"blank\.json: no rows$"),
+    ("none.json", "[]", "prompt_completion", r"none\.json: no rows$"),
+    ("bad.parquet", b"PAR1 not really", "prompt_completion", r"bad\.parquet: cannot read it as Parquet"),
     (
         "utf.jsonl",
         b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n',
@@ -189,6 +192,45 @@ def test_bad_input_names_file_and_row(char_tokenizer, tmp_path, name, content, f
     path = write(tmp_path / name, content)
     with pytest.raises(QTuningError, match=message):
         load_examples(char_tokenizer, path, fmt, 64)
+
+
+def test_skip_bad_rows_counts_them_and_keeps_the_first_few(char_tokenizer, tmp_path):
+    lines = [
+        b'{"prompt": "a", "completion": "b"}',
+        b'{"prompt": "a", ',
+        b'{"prompt": "\xff", "completion": "b"}',
+        b'{"prompt": "a"}',
+        b'{"prompt": "a", "completion": 3}',
+        b"[1, 2]",
+        b'{"prompt": "c", "completion": "d"}',
+        b'{"completion": "e"}',
+    ]
+    path = write(tmp_path / "d.jsonl", b"\n".join(lines))
+    examples, report = load_examples(char_tokenizer, path, "prompt_completion", 64, on_bad_row="skip")
+    assert [e.location for e in examples] == [f"{path}:1", f"{path}:7"]
+    assert report.rows == 8 and report.skipped_bad_rows == 6
+    reasons = {
+        2: "malformed JSON",
+        3: "not valid UTF-8",
+        4: "missing field 'completion'",
+        5: "field 'completion' must be str",
+        6: "expected an object",
+    }
+    assert len(report.bad_rows) == 5  # the sixth bad row (line 8) is counted, not listed
+    for listed, (line, why) in zip(report.bad_rows, reasons.items(), strict=True):
+        assert listed.startswith(f"{path}:{line}: {why}"), listed
+    assert f"6 skipped as malformed (first: {path}:2: malformed JSON" in report.summary(path, 2, 0)
+    # The limit counts rows read, the skipped ones included.
+    assert len(load_examples(char_tokenizer, path, "prompt_completion", 64, limit=6, on_bad_row="skip")[0]) == 1
+
+
+def test_skip_leaves_whole_file_errors_and_empty_results_as_errors(char_tokenizer, tmp_path):
+    cut = write(tmp_path / "cut.json", '[{"prompt": "a", "completion": "b"},\n{"prompt": ')
+    with pytest.raises(QTuningError, match=r"cut\.json:2: malformed JSON"):
+        load_examples(char_tokenizer, cut, "prompt_completion", 64, on_bad_row="skip")
+    bad = write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"prompt": "b", "completion": ""}\n')
+    with pytest.raises(QTuningError, match=r"no usable rows \(2 read: 1 skipped as malformed \(first: .*bad\.jsonl:1"):
+        load_examples(char_tokenizer, bad, "prompt_completion", 64, on_bad_row="skip")
 
 
 def test_missing_file(char_tokenizer, tmp_path):

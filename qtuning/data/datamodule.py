@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from qtuning import IGNORE_INDEX
 from qtuning.data.formats import FORMATS, to_messages
 from qtuning.data.readers import iter_rows
+from qtuning.data.sampling import EpochSampler, ResumableLoader
 from qtuning.data.tokenize import encode_conversation
 from qtuning.errors import QTuningError
 from qtuning.pruning.sample_level import SampleInfo
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from qtuning.pruning.combo import ComboPolicy
 
 log = logging.getLogger(__name__)
+
+ON_BAD_ROW = ("error", "skip")
+MAX_BAD_ROWS_REPORTED = 5  # the first few are enough to find the pattern; the count says how many
 
 
 @dataclass
@@ -43,14 +47,27 @@ class Example:
 class DataReport:
     """What happened to the rows on their way to training; logged once and kept for tests and W&B."""
 
-    rows: int = 0
+    rows: int = 0  # every row read, the skipped ones included
     truncated: int = 0
     dropped_no_response: int = 0
     dropped_locations: list[str] = field(default_factory=list)
+    skipped_bad_rows: int = 0  # malformed rows skipped under data.on_bad_row=skip
+    bad_rows: list[str] = field(default_factory=list)  # the first few of them: "file:line: reason"
+
+    def add_bad_row(self, error: str) -> None:
+        self.skipped_bad_rows += 1
+        if len(self.bad_rows) < MAX_BAD_ROWS_REPORTED:
+            self.bad_rows.append(error)
+
+    def skipped_summary(self) -> str:
+        """``N skipped as malformed (first: file:line: reason)``; for when some were."""
+        return f"{self.skipped_bad_rows} skipped as malformed (first: {self.bad_rows[0]})"
 
     def summary(self, path: str, n_train: int, n_val: int) -> str:
         return (
-            f"data: {self.rows} rows from {path}; {self.truncated} truncated to max_length; "
+            f"data: {self.rows} rows from {path}; "
+            + (f"{self.skipped_summary()}; " if self.skipped_bad_rows else "")
+            + f"{self.truncated} truncated to max_length; "
             f"{self.dropped_no_response} dropped with no response tokens"
             + (f" (first: {self.dropped_locations[0]})" if self.dropped_locations else "")
             + f"; {n_train} train / {n_val} validation"
@@ -64,17 +81,34 @@ def load_examples(
     max_length: int,
     limit: int | None = None,
     salvage_truncated: bool = False,
+    on_bad_row: str = "error",
 ) -> tuple[list[Example], DataReport]:
-    """Read, convert and tokenise up to ``limit`` rows; rows left without a response token are dropped and counted."""
+    """Read, convert and tokenise up to ``limit`` rows; rows left without a response token are dropped and counted.
+
+    A malformed row (not JSON, not UTF-8, a missing or mistyped field, an unknown role) raises its location and
+    reason with ``on_bad_row="error"``; with ``"skip"`` it is skipped and counted in the report.
+    """
     if fmt not in FORMATS:
         raise QTuningError(f"data.format={fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
     if max_length < 2:
         raise QTuningError(f"data.max_length={max_length} must be at least 2")
+    if limit is not None and limit < 1:
+        raise QTuningError(f"data.limit={limit} must be at least 1 (or null for every row)")
+    if on_bad_row not in ON_BAD_ROW:
+        raise QTuningError(f"data.on_bad_row={on_bad_row!r} must be one of {', '.join(ON_BAD_ROW)}")
     report = DataReport()
     examples = []
-    for row in islice(iter_rows(path, salvage_truncated), limit):
+    for row in islice(iter_rows(path, salvage_truncated, keep_bad_rows=on_bad_row == "skip"), limit):
         report.rows += 1
-        messages = to_messages(row, fmt)
+        try:
+            if row.error:
+                raise QTuningError(f"{row.location}: {row.error}")
+            messages = to_messages(row, fmt)
+        except QTuningError as err:
+            if on_bad_row == "error":
+                raise
+            report.add_bad_row(str(err))
+            continue
         encoded = encode_conversation(tokenizer, messages, max_length, row.location)
         report.truncated += encoded.truncated
         # labels[0] is never a target after the shift, so a row needs a response token at position >= 1.
@@ -84,8 +118,16 @@ def load_examples(
             continue
         instruction = "\n".join(m["content"] for m in messages if m["role"] == "user")
         examples.append(Example(encoded.input_ids, encoded.labels, row.location, instruction))
+    if not report.rows:
+        raise QTuningError(f"data.path={path}: no rows")
     if not examples:
-        raise QTuningError(f"data.path={path}: no usable rows ({report.rows} read, all without response tokens)")
+        reasons = [report.skipped_summary()] if report.skipped_bad_rows else []
+        if report.dropped_no_response:
+            reasons.append(
+                f"{report.dropped_no_response} without response tokens (empty responses, or prompts that fill "
+                f"data.max_length={max_length})"
+            )
+        raise QTuningError(f"data.path={path}: no usable rows ({report.rows} read: {'; '.join(reasons)})")
     return examples, report
 
 
@@ -110,17 +152,16 @@ def collate(examples: list[Example], sample_idx: list[int], pad_id: int) -> dict
 
 
 class IndexedExamples(torch.utils.data.Dataset):
-    """``(dataset index, example)`` pairs of the examples at ``indices`` (all of them by default)."""
+    """``(dataset index, example)`` pairs: the index is what a batch carries as ``sample_idx``."""
 
-    def __init__(self, examples: list[Example], indices: list[int] | None = None) -> None:
+    def __init__(self, examples: list[Example]) -> None:
         self.examples = examples
-        self.indices = list(range(len(examples))) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.examples)
 
     def __getitem__(self, index: int) -> tuple[int, Example]:
-        return self.indices[index], self.examples[self.indices[index]]
+        return index, self.examples[index]
 
 
 class SFTDataModule(LightningDataModule):
@@ -135,6 +176,7 @@ class SFTDataModule(LightningDataModule):
         val_size: number of rows held out for validation (seeded), 0 for none.
         limit: read only the first ``limit`` rows.
         salvage_truncated: for a truncated JSON array, keep the rows before the damage instead of failing.
+        on_bad_row: ``error`` stops at a malformed row, naming it; ``skip`` skips such rows and counts them.
         seed: seed of the validation split and of the training shuffle.
     """
 
@@ -148,6 +190,7 @@ class SFTDataModule(LightningDataModule):
         val_size: int = 0,
         limit: int | None = None,
         salvage_truncated: bool = False,
+        on_bad_row: str = "error",
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -157,7 +200,8 @@ class SFTDataModule(LightningDataModule):
         self.tokenizer = tokenizer
         self.path, self.format, self.max_length = path, format, max_length
         self.batch_size, self.val_size, self.limit = batch_size, val_size, limit
-        self.salvage_truncated, self.seed, self.num_workers = salvage_truncated, seed, num_workers
+        self.salvage_truncated, self.on_bad_row = salvage_truncated, on_bad_row
+        self.seed, self.num_workers = seed, num_workers
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
@@ -169,7 +213,13 @@ class SFTDataModule(LightningDataModule):
         if self.report is not None:
             return
         examples, self.report = load_examples(
-            self.tokenizer, self.path, self.format, self.max_length, self.limit, self.salvage_truncated
+            self.tokenizer,
+            self.path,
+            self.format,
+            self.max_length,
+            self.limit,
+            self.salvage_truncated,
+            self.on_bad_row,
         )
         if self.val_size >= len(examples):
             raise QTuningError(f"data.val_size={self.val_size} leaves no training rows out of {len(examples)}")
@@ -181,15 +231,26 @@ class SFTDataModule(LightningDataModule):
     def _collate(self, items: list[tuple[int, Example]]) -> dict[str, Tensor]:
         return collate([e for _, e in items], [i for i, _ in items], self.pad_id)
 
-    def _loader(self, dataset: IndexedExamples, shuffle_seed: int | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def _loader(self, examples: list[Example], indices: list[int], epoch: int = 0, shuffle: bool = False) -> DataLoader:
+        """This process's share of ``indices`` of ``examples`` (in an order fixed by seed and epoch when shuffled);
+        Lightning checkpoints its position, so a resumed run continues mid-epoch (see `qtuning.data.sampling`)."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResumableLoader(
+            IndexedExamples(examples),
+            sampler=EpochSampler(indices, self.seed, epoch, rank, world, shuffle),
             batch_size=self.batch_size,
-            shuffle=shuffle_seed is not None,
-            generator=torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None,
             collate_fn=self._collate,
             num_workers=self.num_workers,
+            epoch=epoch,
+            position=self._batches_trained,
         )
+
+    def _batches_trained(self) -> int:
+        """Micro-batches of the current epoch trained so far (what a checkpoint written now has seen)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def sample_info(self) -> SampleInfo:
         """What dataset-level sample pruners score the training samples by."""
@@ -206,28 +267,43 @@ class SFTDataModule(LightningDataModule):
         return epoch, max_epochs
 
     def train_dataloader(self) -> DataLoader:
-        """This epoch's loader: every training sample, or the planner's plan (rebuilt each epoch, see `train`)."""
+        """This epoch's loader (Lightning rebuilds it every epoch, see `train`): every training sample, or the
+        planner's plan, shuffled from (seed, epoch)."""
         if self.planner is None:
-            return self._loader(IndexedExamples(self.train_examples), shuffle_seed=self.seed)
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            return self._loader(self.train_examples, list(range(len(self.train_examples))), epoch, shuffle=True)
         epoch, max_epochs = self._epochs()
         plan = self.planner.epoch_plan(epoch, self.sample_info(), max_epochs)
-        # Shuffled here, from (seed, epoch) alone, so that the order does not depend on how often Lightning
-        # iterates the loader (a resumed run does not); the loader then reads it in order.
-        order = torch.randperm(plan.indices.numel(), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self._loader(IndexedExamples(self.train_examples, plan.indices[order].tolist()))
+        return self._loader(self.train_examples, plan.indices.tolist(), epoch, shuffle=True)
+
+    def batches_per_epoch(self, from_epoch: int = 0) -> list[int] | None:
+        """Batches per device of every epoch from ``from_epoch`` to the last, as planned (for the LR schedule's
+        length, without building a loader: Lightning then builds the first one itself and can restore its position
+        on resume); None when the run has no epoch limit."""
+        trainer = self.trainer
+        max_epochs = trainer.max_epochs if trainer is not None else None
+        if not max_epochs or max_epochs < 0:
+            return None
+        world = trainer.world_size
+        if self.planner is None:
+            sizes = [len(self.train_examples)] * (max_epochs - from_epoch)
+        else:
+            sizes = self.planner.sample_pruner.expected_sizes(from_epoch, self.sample_info(), max_epochs)
+        return [math.ceil(math.ceil(size / world) / self.batch_size) for size in sizes]
 
     def remaining_batches(self) -> int | None:
-        """Batches per device this epoch and the ones after it, as planned (None without a planner)."""
-        if self.planner is None or self.planner.sample_pruner is None:
+        """Batches per device still to train in this epoch and the ones after it, as planned (None without a
+        planner: then every epoch is as long as planned at the start); a resumed epoch counts from where it
+        stopped."""
+        if self.planner is None or self.trainer is None:
             return None
-        epoch, max_epochs = self._epochs()
-        world = self.trainer.world_size if self.trainer is not None else 1
-        sizes = self.planner.sample_pruner.expected_sizes(epoch, self.sample_info(), max_epochs)
-        return sum(math.ceil(math.ceil(size / world) / self.batch_size) for size in sizes)
+        planned = self.batches_per_epoch(self.trainer.current_epoch)
+        return None if planned is None else sum(planned) - self._batches_trained()
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(IndexedExamples(self.val_examples))
+        return self._loader(self.val_examples, list(range(len(self.val_examples))))
 
     def predict_dataloader(self, limit: int | None = None) -> DataLoader:
         """The first ``limit`` training rows in file order, unshuffled (for scoring a dataset without training)."""
-        return self._loader(IndexedExamples(self.train_examples[:limit]))
+        examples = self.train_examples[:limit]
+        return self._loader(examples, list(range(len(examples))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 import logging
@@ -21,6 +22,7 @@ PACKAGE_PREFIX = "pkg://"
 class Row:
     location: str  # "file:line" (JSON/JSONL) or "file:row N" (Parquet, datasets dir)
     data: Any
+    error: str | None = None  # why the row could not be read (data is None); see iter_rows(keep_bad_rows=True)
 
 
 def resolve_path(path: str) -> Path:
@@ -65,18 +67,29 @@ def _iter_json_array(text: str, source: str, salvage_truncated: bool) -> Iterato
         yield Row(f"{source}:{line}", obj)
 
 
-def _iter_jsonl(text: str, source: str) -> Iterator[Row]:
-    for line_no, line in enumerate(text.splitlines(), start=1):
+def _iter_jsonl(data: bytes, source: str, keep_bad_rows: bool) -> Iterator[Row]:
+    # Decoded line by line, so that one line of bad bytes is one bad row, not a bad file.
+    for line_no, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
+        location = f"{source}:{line_no}"
         try:
-            yield Row(f"{source}:{line_no}", json.loads(line))
+            row = Row(location, json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            row = Row(location, None, f"not valid UTF-8 ({err.reason})")
         except json.JSONDecodeError as err:
-            raise QTuningError(f"{source}:{line_no}: malformed JSON: {err.msg} (column {err.colno})") from None
+            row = Row(location, None, f"malformed JSON: {err.msg} (column {err.colno})")
+        if row.error and not keep_bad_rows:
+            raise QTuningError(f"{location}: {row.error}")
+        yield row
 
 
-def iter_rows(path: str, salvage_truncated: bool = False) -> Iterator[Row]:
-    """Rows of a data file or `datasets` directory, in file order."""
+def iter_rows(path: str, salvage_truncated: bool = False, keep_bad_rows: bool = False) -> Iterator[Row]:
+    """Rows of a data file or `datasets` directory, in file order.
+
+    A JSONL line that is not UTF-8 or not JSON raises, or with ``keep_bad_rows`` comes as a row with its ``error``.
+    A file that cannot be read as a whole (missing, unreadable, not UTF-8 or a broken JSON array) always raises.
+    """
     file = resolve_path(path)
     if not file.exists():
         raise QTuningError(f"data.path={path}: no such file or directory")
@@ -93,20 +106,28 @@ def iter_rows(path: str, salvage_truncated: bool = False) -> Iterator[Row]:
         yield from (Row(f"{source}:row {i}", row) for i, row in enumerate(dataset))
         return
     if file.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        yield from (Row(f"{source}:row {i}", row) for i, row in enumerate(pq.read_table(file).to_pylist()))
+        try:
+            table = pq.read_table(file)
+        except (OSError, pa.ArrowException) as err:
+            raise QTuningError(f"data.path={path}: cannot read it as Parquet ({err})") from None
+        yield from (Row(f"{source}:row {i}", row) for i, row in enumerate(table.to_pylist()))
         return
     if file.suffix not in (".json", ".jsonl"):
         raise QTuningError(f"data.path={path}: unsupported file type '{file.suffix}' (use .json, .jsonl, .parquet)")
     try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = file.read_bytes()[: err.start].count(b"\n") + 1
-        raise QTuningError(f"{source}:{line}: not valid UTF-8 ({err.reason})") from None
-    if not text.strip():
-        raise QTuningError(f"{source}: file is empty")
+        data = file.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as err:
+        raise QTuningError(f"data.path={path}: cannot read it ({err.strerror})") from None
     if file.suffix == ".jsonl":
-        yield from _iter_jsonl(text, source)
-    else:
+        yield from _iter_jsonl(data, source, keep_bad_rows)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise QTuningError(f"{source}:{line}: not valid UTF-8 ({err.reason})") from None
+    if text.strip():  # an empty file has no rows, which the caller reports
         yield from _iter_json_array(text, source, salvage_truncated)

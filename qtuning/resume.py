@@ -1,0 +1,79 @@
+"""Runs that survive: which checkpoint to resume from, and a checkpoint on preemption or repeated non-finite losses.
+
+What a checkpoint carries (Lightning plus ours): model (the adapter alone under LoRA), optimizer, LR scheduler, the
+policy's state (a `Callback`'s `state_dict`), the loader's position in the epoch (`qtuning.data.sampling`), and the
+global RNG states (`SFTModule.on_save_checkpoint`). Lightning writes it through a temporary file, so a run killed
+while writing never leaves a complete-looking partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from qtuning.errors import QTuningError
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+
+
+class NonFiniteLossError(QTuningError):
+    """Too many steps in a row with a non-finite loss (``max_bad_steps``)."""
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``auto`` → ``checkpoint_dir/last.ckpt`` if it exists (else a fresh start), a
+    path → that file (which must exist), None → a fresh start."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = checkpoint_dir / LAST
+        if last.is_file():
+            log.info("resume=auto: continuing from %s", last)
+            return str(last)
+        log.info("resume=auto: no %s yet, starting from scratch", last)
+        return None
+    if not Path(resume).is_file():
+        raise QTuningError(f"resume={resume}: no such checkpoint file (resume=auto picks {checkpoint_dir / LAST})")
+    return resume
+
+
+class SaveOnInterrupt(Callback):
+    """Writes ``last.ckpt`` when the run is preempted or gives up, so that ``resume=auto`` continues from there.
+
+    SIGTERM (a cluster preemption): Lightning finishes the batch under way and stops with `SIGTERMException`; SIGUSR1
+    does the same here, unless a SLURM auto-requeue handler already owns it. A `NonFiniteLossError` also saves (the
+    weights are those of the last finite step). The run then exits without a traceback (status 0 for a signal).
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self._previous_sigusr1: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._previous_sigusr1 = signal.getsignal(signal.SIGUSR1)
+        if self._previous_sigusr1 in (signal.SIG_DFL, signal.SIG_IGN, None):
+
+            def stop_like_sigterm(signum: int, frame: Any) -> None:
+                trainer._signal_connector.received_sigterm = True
+
+            signal.signal(signal.SIGUSR1, stop_like_sigterm)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, NonFiniteLossError)):
+            path = self.dirpath / LAST
+            trainer.save_checkpoint(path)
+            log.warning("%s: saved %s at step %d; resume with resume=auto", type(exception).__name__, path,
+                        trainer.global_step)  # fmt: skip

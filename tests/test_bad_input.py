@@ -1,0 +1,153 @@
+"""Bad input through the CLI: one line ``error: <message>`` naming the file:line or config key, status 2, no traceback;
+``data.on_bad_row=skip`` training on the good rows; and what `check_checkpoint` says of damaged checkpoints.
+
+Each CLI case is one ``python -m qtuning.train`` (seconds of imports); they fail before any model is trained.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtuning.checkpoints import check_checkpoint
+from qtuning.errors import QTuningError
+from tests.conftest import TINY_DATA, run_cli, tiny_cli_args
+
+GOOD_ROW = '{"prompt": "What is 1 + 1?", "completion": "2"}'
+
+# (bad file name, content) or None, overrides, the start of the error line; "{path}" stands for the bad file.
+CASES = [
+    pytest.param(
+        ("cut.json", f'[\n{GOOD_ROW},\n{{"prompt": "What is 2 + 2?", "compl'),
+        ["data.path={path}"],
+        "error: {path}:3: malformed JSON",
+        id="truncated-json",
+    ),
+    pytest.param(
+        ("utf.jsonl", GOOD_ROW.encode() + b'\n{"prompt": "\xff", "completion": "2"}\n'),
+        ["data.path={path}"],
+        "error: {path}:2: not valid UTF-8",
+        id="invalid-utf8",
+    ),
+    pytest.param(
+        ("miss.jsonl", f'{GOOD_ROW}\n{{"prompt": "What is 3 + 3?"}}\n'),
+        ["data.path={path}"],
+        "error: {path}:2: missing field 'completion'",
+        id="missing-field",
+    ),
+    pytest.param(
+        ("type.jsonl", '{"prompt": "What is 3 + 3?", "completion": 6}\n'),
+        ["data.path={path}"],
+        "error: {path}:1: field 'completion' must be str, got int",
+        id="wrong-type",
+    ),
+    pytest.param(("empty.jsonl", ""), ["data.path={path}"], "error: data.path={path}: no rows", id="empty-file"),
+    pytest.param(
+        ("blank.jsonl", '{"prompt": "a", "completion": ""}\n{"prompt": "b", "completion": "  "}\n'),
+        ["data.path={path}"],
+        "error: data.path={path}: no usable rows (2 read: 2 without response tokens (empty responses",
+        id="empty-responses",
+    ),
+    pytest.param(None, ["data.format=yaml"], "error: data.format='yaml' is unknown", id="unknown-format"),
+    pytest.param(
+        None,
+        ["data.path=/nonexistent/data.jsonl"],
+        "error: data.path=/nonexistent/data.jsonl: no such file",
+        id="missing-data",
+    ),
+    pytest.param(
+        None,
+        ["pruner=nonsense"],
+        "error: In 'train': Could not find 'pruner/nonsense' Available options in 'pruner': combo none qtuning",
+        id="unknown-pruner",
+    ),
+    pytest.param(None, ["trainer.max_stepz=3"], "error: Could not override 'trainer.max_stepz'", id="unknown-key"),
+    pytest.param(None, ["data.path=???"], "error: data.path: required, but no value given", id="missing-value"),
+    pytest.param(
+        None,
+        ["pruner=random_batch", "pruner.r_sample=2"],
+        "error: pruner: r_sample=2 must be in (0, 1]",
+        id="pruner-ratio",
+    ),
+    pytest.param(None, ["budget.r_sample=0"], "error: budget.r_sample=0 must be a number in (0, 1]", id="ratio-0"),
+    pytest.param(None, ["budget.r_token=1.5"], "error: budget.r_token=1.5 must be a number in (0, 1]", id="ratio-1.5"),
+    pytest.param(
+        None,
+        ["model=hf", "model.name_or_path=/nope"],
+        "error: model.name_or_path=/nope: no such directory",
+        id="missing-model",
+    ),
+    pytest.param(
+        ("last.ckpt", b"PK\x03\x04 cut short"),
+        ["resume={path}"],
+        "error: resume={path}: not a checkpoint",
+        id="corrupt-checkpoint",
+    ),
+    pytest.param(
+        None,
+        ["data.on_bad_row=ignore"],
+        "error: data.on_bad_row='ignore' must be one of error, skip",
+        id="bad-on_bad_row",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad_file", "overrides", "expected"), CASES)
+def test_bad_input_is_one_clear_error_line(tmp_path: Path, bad_file, overrides, expected):
+    path = ""
+    if bad_file is not None:
+        name, content = bad_file
+        path = str(tmp_path / name)
+        Path(path).write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = run_cli(*tiny_cli_args(tmp_path, *(o.format(path=path) for o in overrides)))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected.format(path=path)), result.stderr[-3000:]
+
+
+def test_skip_trains_on_the_good_rows_and_reports_the_bad_ones(tmp_path: Path):
+    good = TINY_DATA.read_text().splitlines()
+    long_row = '{"prompt": "Say x many times.", "completion": "' + "x" * 100 + '"}'  # past max_length=64
+    rows = [good[0], '{"prompt": "cut', *good[1:20], '{"prompt": "no completion"}', long_row, *good[20:]]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    result = run_cli(*tiny_cli_args(tmp_path, f"data.path={path}", "data.on_bad_row=skip"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if "data: " in line]
+    assert len(summary) == 1, result.stdout
+    assert f"data: {len(rows)} rows from {path}; 2 skipped as malformed (first: {path}:2: malformed JSON" in summary[0]
+    assert "; 1 truncated to max_length;" in summary[0]
+    assert f"; {len(good) + 1 - 8} train / 8 validation" in summary[0]
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+RESUMABLE = {"state_dict": {"w": torch.zeros(2)}, "optimizer_states": [{}]}
+
+
+@pytest.mark.parametrize(
+    ("saved", "cut", "expected"),
+    [
+        (RESUMABLE, True, "not a checkpoint (not a torch.save zip archive"),
+        (
+            {**RESUMABLE, "extra": Fraction(1, 2)},
+            False,
+            "cannot load it as a checkpoint (UnpicklingError: Weights only",
+        ),
+        ({"w": torch.zeros(2)}, False, "not a Lightning checkpoint (no 'state_dict')"),
+        ({"state_dict": {"w": torch.zeros(2)}}, False, "holds weights only"),
+    ],
+    ids=["truncated", "code-objects", "plain-state-dict", "weights-only"],
+)
+def test_check_checkpoint_says_what_is_wrong(tmp_path: Path, saved, cut, expected):
+    path = tmp_path / "x.ckpt"
+    torch.save(saved, path)
+    if cut:
+        check_checkpoint(str(path))  # whole, it is fine
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(QTuningError, match=re.escape(f"resume={path}: {expected}")):
+        check_checkpoint(str(path))

@@ -1,0 +1,108 @@
+"""Runs that survive: killed (SIGKILL) or preempted (SIGTERM, SIGUSR1) mid-epoch, resumed with resume=auto, they end
+with the same parameters and the same per-step losses as an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY_OVERRIDES
+
+# 40 training rows in batches of 4: 10 steps an epoch, so 14 steps cross an epoch boundary.
+RUN = [
+    *[o for o in TINY_OVERRIDES if not o.startswith(("logger=", "callbacks=", "save_model="))],
+    "trainer.max_steps=14",
+    "trainer.max_epochs=3",
+    "logger=csv",
+    "+logger.csv.flush_logs_every_n_steps=1",  # every step's loss reaches the file before a SIGKILL
+    "callbacks=default",
+    "~callbacks.dashboard",
+    "ckpt_every_n_steps=3",
+    "validate_before_fit=false",
+    "save_model=true",
+]
+POLICIES = {
+    "qtuning": ["pruner=qtuning", "budget=s50_t70"],
+    "infobatch": ["pruner=combo", "pruner/sample=infobatch", "pruner/token=ppl", "budget=s50_t70"],
+}
+
+
+def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "qtuning.train", *RUN, f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by optimizer step, over every CSV version the run directory holds (a resumed run adds one)."""
+    losses: dict[int, float] = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "hf_model" / "model.safetensors")
+
+
+def signal_at(step: int, name: str) -> list[str]:
+    return ["+callbacks.signal._target_=tests.signals.SignalAtStep", f"+callbacks.signal.step={step}",
+            f"+callbacks.signal.signal_name={name}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    dirs = {}
+    for name, policy in POLICIES.items():
+        dirs[name] = tmp_path_factory.mktemp(f"whole_{name}")
+        result = run(dirs[name], *policy)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return dirs
+
+
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    expected, got = step_losses(whole), step_losses(resumed)
+    assert sorted(got) == sorted(expected) and len(expected) == 14
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=0, abs=1e-6), f"step {step}"
+    reference = final_weights(whole)
+    for name, tensor in final_weights(resumed).items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_sigkill_at_a_random_step_then_resume_auto_is_exact(tmp_path, uninterrupted, policy):
+    kill_step = random.Random().randint(4, 13)  # after the first checkpoint (step 3), mid-epoch or past epoch 1
+    killed = run(tmp_path, *POLICIES[policy], *signal_at(kill_step, "SIGKILL"))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "metrics.json").exists()
+    # killed at the end of step kill_step (logged as kill_step - 1), before that batch's log line was flushed
+    assert max(step_losses(tmp_path)) == kill_step - 2
+    resumed = run(tmp_path, *POLICIES[policy], "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume=auto: continuing from" in resumed.stdout + resumed.stderr
+    assert_same_run(tmp_path, uninterrupted[policy])
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_saves_a_checkpoint_and_the_run_resumes(tmp_path, uninterrupted, signal_name):
+    preempted = run(tmp_path, *POLICIES["qtuning"], *signal_at(5, signal_name))
+    assert preempted.returncode == 0, preempted.stderr[-3000:]  # a clean exit, no traceback
+    output = preempted.stdout + preempted.stderr
+    assert "Traceback" not in output
+    assert "saved" in output and "resume with resume=auto" in output
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 5  # the batch under way was finished, then the run stopped
+    assert not (tmp_path / "metrics.json").exists()
+    resumed = run(tmp_path, *POLICIES["qtuning"], "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path, uninterrupted["qtuning"])
