@@ -87,6 +87,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, eval_cfg: DictConfig, cache
                 limit=limit,
                 bootstrap_iters=eval_cfg.bootstrap_iters,
                 log_samples=False,
+                apply_chat_template=bool(eval_cfg.get("chat_template", False)),
             )
             metrics.update(flatten_results(output["results"], group))
     metrics["eval/runtime_s"] = time.time() - started

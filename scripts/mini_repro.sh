@@ -4,7 +4,8 @@
 # the base model, all evaluated on ARC-E and ARC-C (full dev sets), TriviaQA and SQuAD (fixed subsets).
 #
 #   bash scripts/mini_repro.sh                       # writes docs/results/mini_table1.md
-#   OUT=logs/my_repro ROWS=full,qtuning bash scripts/mini_repro.sh data.limit=600   # extra args go to every job
+#   OUT=logs/try ROWS=full,qtuning EVAL_ARGS="eval.limit=20" bash scripts/mini_repro.sh data.limit=300
+# Arguments go to the training jobs; EVAL_ARGS (eval.* overrides) to every evaluation, the base model's included.
 #
 # Rows (method=, conf/method/): full data, Random / Random, Longest / PPL, InfoBatch / Random, Entropy / PPL,
 # Q-Tuning as the authors coded it, and Q-Tuning with the noise-robust triage of docs/noise_probe.md.
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-logs/mini_repro}
 ROWS=${ROWS:-full,random_random,longest_ppl,infobatch_random,entropy_ppl,qtuning,qtuning_robust}
 DOC=${DOC:-docs/results/mini_table1.md}
+read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -21,18 +23,19 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 started=$(date +%s)
 rm -rf "$OUT"
 # The base model, zero-shot: the same evaluation, no training.
-"$PYTHON" -m qtuning.eval model=smollm2_135m eval=mini hydra.run.dir="$OUT/zero_shot" "$@"
+"$PYTHON" -m qtuning.eval model=smollm2_135m eval=mini hydra.run.dir="$OUT/zero_shot" ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}
 # Every row: same seed, learning rate, schedule and epochs; one Hydra multirun, one W&B run per row.
-"$PYTHON" -m qtuning.train -m experiment=mini_repro method="$ROWS" hydra.sweep.dir="$OUT/train" "$@"
+"$PYTHON" -m qtuning.train -m experiment=mini_repro method="$ROWS" hydra.sweep.dir="$OUT/train" \
+    ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"} "$@"
 "$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" \
-    --metrics arc_easy/acc arc_challenge/acc triviaqa/exact_match squad2/f1 runtime_s eval/runtime_s
+    --metrics arc_easy/acc arc_challenge/acc triviaqa/exact_match triviaqa/contains squad2/f1 runtime_s eval/runtime_s
 elapsed=$(( $(date +%s) - started ))
 
 mkdir -p "$(dirname "$DOC")"
 {
     echo "# Mini-reproduction of Table 1 (25% samples × 50% tokens) on a CPU"
     echo
-    echo "Command: \`bash scripts/mini_repro.sh $*\` — $((elapsed / 60)) min $((elapsed % 60)) s on this machine" \
+    echo "Command: \`ROWS=$ROWS EVAL_ARGS=\"${EVAL_ARGS[*]+${EVAL_ARGS[*]}}\" bash scripts/mini_repro.sh $*\` — $((elapsed / 60)) min $((elapsed % 60)) s on this machine" \
          "($(nproc) CPU cores, torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))."
     echo "Setup: \`conf/experiment/mini_repro.yaml\`; rows \`method=$ROWS\`; evaluation \`conf/eval/mini.yaml\`."
     echo "\`runtime_s\` is a row's wall time (training, validation and evaluation), \`eval/runtime_s\` its evaluation."

@@ -47,6 +47,7 @@ NAMES = {
     "random_batch": "Random (in-batch)",
 }
 QTUNING = "Q-Tuning"
+QTUNING_TRIAGE = {"fill_up": "minmax", "ppl_guard": 0.0}  # the authors' triage; other values name their own row
 FULL = "Full data"
 ZERO_SHOT = "Zero-shot (base)"  # a `python -m qtuning.eval` job: the model before any fine-tuning
 BUDGETLESS = (FULL, ZERO_SHOT)  # rows that ignore the budget: shown in every block
@@ -91,13 +92,17 @@ def label(name: Any) -> str:
     return NO_TOKEN if name in (None, "none") else NAMES.get(str(name), str(name))
 
 
-def pruner_labels(choices: dict[str, Any]) -> tuple[str, str]:
-    """(sample pruner, token pruner) as the paper names them, from Hydra's config-group choices."""
+def pruner_labels(choices: dict[str, Any], pruner_cfg: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(sample pruner, token pruner) as the paper names them, from Hydra's config-group choices; a Q-Tuning triage
+    other than the authors' (set by a method= preset, not an override) is named in the label."""
     if "pruner" not in choices:
         return ZERO_SHOT, NO_TOKEN
     pruner = str(choices.get("pruner"))
     if pruner == "qtuning":
-        return QTUNING, NO_TOKEN
+        variant = [
+            f"{k}={v}" for k, default in QTUNING_TRIAGE.items() if (v := (pruner_cfg or {}).get(k, default)) != default
+        ]
+        return QTUNING + (f" ({', '.join(variant)})" if variant else ""), NO_TOKEN
     if pruner == "none":
         return FULL, NO_TOKEN
     if "pruner/sample" in choices or "pruner/token" in choices:  # combo, or a preset built on it (pruner=random)
@@ -116,7 +121,7 @@ def load_job(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     config = read_yaml(hydra_dir / "config.yaml") or {}
     overrides = dict(parse_override(str(o)) for o in read_yaml(hydra_dir / "overrides.yaml") or [])
     budget = config.get("budget") or {}
-    sample, token = pruner_labels(choices)
+    sample, token = pruner_labels(choices, config.get("pruner"))
     metrics_file = job_dir / "metrics.json"
     return {
         "job": job_dir.relative_to(sweep_dir).as_posix(),
@@ -173,7 +178,8 @@ def row_order(sample: str, token: str) -> tuple[int, str, int, str]:
     if sample in SAMPLE_ORDER:
         s_rank = SAMPLE_ORDER.index(sample)
     else:
-        s_rank = -1 if sample == ZERO_SHOT else len(SAMPLE_ORDER) + {QTUNING: 1, FULL: 2}.get(sample, 0)
+        s_rank = -1 if sample == ZERO_SHOT else len(SAMPLE_ORDER) + (1 if sample.startswith(QTUNING) else 0)
+        s_rank += 2 if sample == FULL else 0
     t_rank = TOKEN_ORDER.index(token) if token in TOKEN_ORDER else len(TOKEN_ORDER)
     return s_rank, sample, t_rank, token
 

@@ -107,10 +107,10 @@ def test_squad2_and_triviaqa_prompts(fixture_tasks: dict[str, Any]):
     assert squad.startswith("The oak tree in the village square was planted in 1850 by the first mayor.\n")
     assert "answer `impossible to answer`" in squad
     assert squad.endswith("\nQuestion: When was the oak tree planted?\nAnswer:")
-    assert fixture_tasks["squad2"].instances[0].args[1]["until"] == ["\n"]
+    assert fixture_tasks["squad2"].instances[0].args[1]["until"] == ["\n\n", "Question:"]
     trivia = fixture_tasks["triviaqa"]
     assert contexts(trivia)[0] == "Question: Which planet is known as the Red Planet?\nAnswer:"
-    assert trivia.instances[0].args[1]["until"] == ["\n", ".", ","]
+    assert trivia.instances[0].args[1]["until"] == ["\n\n", "Question:"]
     assert trivia.instances[0].args[1]["max_gen_toks"] == 32
 
 
@@ -127,7 +127,8 @@ def test_process_results_hooks_resolve_through_the_yaml(fixture_tasks: dict[str,
     squad = scores("squad2", [" in 1850", " impossible to answer", " 40 km", " the lake"])
     assert [row["exact"] for row in squad] == [1, 1, 0, 0]
     assert squad[2]["f1"] == pytest.approx(0.5)  # "40" of "40 kilometres"
-    assert scores("triviaqa", [" Mars", " tokyo", " Charles Dickens"]) == [{"exact_match": v} for v in (1, 1, 0)]
+    trivia = scores("triviaqa", [" Mars", " tokyo", " Charles Dickens"])
+    assert trivia == [{"exact_match": v, "contains": v} for v in (1, 1, 0)]
     math = scores("math", ["so $\\boxed{14}$", "Final Answer: The final answer is $\\dfrac{3}{4}$.", "x = 6"])
     assert math == [{"exact_match": v} for v in (1, 1, 0)]
 
@@ -209,10 +210,13 @@ def test_squad2_process_results_first_line_and_huggingface_answers():
 
 def test_triviaqa_matches_any_alias_normalised():
     doc = {"question": "q", "answers": ["Sunset Boulevard", "Sunset Blvd."]}
-    assert triviaqa_process_results(doc, [" sunset blvd"]) == {"exact_match": 1}
-    assert triviaqa_process_results(doc, [" The answer is Sunset Boulevard"]) == {"exact_match": 1}
-    assert triviaqa_process_results(doc, [" Sunset"]) == {"exact_match": 0}
-    assert triviaqa_process_results(doc, [""]) == {"exact_match": 0}
+    assert triviaqa_process_results(doc, [" sunset blvd"]) == {"exact_match": 1, "contains": 1}
+    assert triviaqa_process_results(doc, [" The answer is Sunset Boulevard"]) == {"exact_match": 1, "contains": 1}
+    assert triviaqa_process_results(doc, [" Sunset"]) == {"exact_match": 0, "contains": 0}
+    assert triviaqa_process_results(doc, [""]) == {"exact_match": 0, "contains": 0}
+    it_was = " It was the film Sunset Boulevard, in 1950."  # a sentence: no exact match, but the alias is in it
+    assert triviaqa_process_results(doc, [it_was]) == {"exact_match": 0, "contains": 1}
+    assert triviaqa_process_results(doc, [" Sunsets are nice"]) == {"exact_match": 0, "contains": 0}
 
 
 def test_math_answer_extraction_and_gold():

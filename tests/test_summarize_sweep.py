@@ -254,3 +254,17 @@ def test_zero_shot_joins_every_block_and_single_jobs_show_lm_eval_standard_error
         "| Random | Random | 1 | 0.400 ± 0.030 (— / —) |",
         "| Q-Tuning | — | 1 | 0.450 ± 0.025 (+0.050 / —) |",
     ]
+
+
+def test_a_non_default_triage_names_its_own_row(tmp_path):
+    make_job(tmp_path, "q", "qtuning", "s25_t50", 1.8, "method=qtuning")
+    robust = make_job(tmp_path, "r", "qtuning", "s25_t50", 1.7, "method=qtuning_robust")
+    config = yaml.safe_load((robust / ".hydra" / "config.yaml").read_text())
+    config["pruner"] |= {"fill_up": "rank", "ppl_guard": 0.25}
+    (robust / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = table_lines(tmp_path, ["val/loss"])
+    start = lines.index("| **25% samples × 50% tokens** | | | |")
+    assert lines[start + 1 : start + 3] == [
+        "| Q-Tuning | — | 1 | 1.800 (— / —) |",
+        "| Q-Tuning (fill_up=rank, ppl_guard=0.25) | — | 1 | 1.700 (— / —) |",
+    ]

