@@ -120,7 +120,9 @@ class SFTModule(LightningModule):
         decision = self.policy.select_batch(self.model, batch, stats)
         kept_rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
         if kept_rows.numel() == 0:
-            raise ValueError(f"{type(self.policy).__name__}.select kept no sample; a policy must keep at least one")
+            # Nothing kept here (a global decision may leave a device nothing): one row goes through with weight 0,
+            # so the step contributes 0 and every device still joins the gradient all-reduce.
+            kept_rows = torch.zeros(1, dtype=torch.long, device=kept_rows.device)
         kept = select_rows(batch, kept_rows)
         logits = self.model(input_ids=kept["input_ids"], attention_mask=kept["attention_mask"]).logits
         ce = token_cross_entropy(logits, kept["labels"], kept["attention_mask"])  # [K, T'-1]

@@ -1,11 +1,15 @@
-"""A callback that signals its own process at a given step: a cluster's preemption or a crash, on cue, in a test."""
+"""Test callbacks and policies the CLI can load by name: a signal on cue (a preemption or a crash), a dump of the
+policy state, and policies that keep nothing or give non-finite losses."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import torch
 from lightning.pytorch import Callback
+
+from qtuning.pruning import NoPruning
 
 
 class SignalAtStep(Callback):
@@ -21,3 +25,39 @@ class SignalAtStep(Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class DumpPolicyState(Callback):
+    """Saves this process's policy state at the end of training to ``<dirpath>/policy_rank<r>.pt`` (to compare the
+    ranks of a multi-process run)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(pl_module.policy.state_dict(), os.path.join(self.dirpath, f"policy_rank{trainer.global_rank}.pt"))
+
+
+class KeepNothing(NoPruning):
+    """A policy that keeps no sample: the step must contribute 0, not NaN."""
+
+    def select(self, stats):
+        decision = super().select(stats)
+        decision.sample_keep[:] = False
+        decision.token_keep[:] = False
+        return decision
+
+
+class NonFiniteFirst(NoPruning):
+    """A policy whose loss weights are NaN for its first ``bad`` batches: those steps must be skipped."""
+
+    def __init__(self, bad: int, loss_norm: str = "response") -> None:
+        super().__init__(loss_norm)
+        self.bad = bad
+
+    def select(self, stats):
+        decision = super().select(stats)
+        if self.bad > 0:
+            self.bad -= 1
+            decision.loss_scale = torch.full((stats.batch_size,), float("nan"))
+        return decision

@@ -184,3 +184,35 @@ def test_lora_checkpoint_holds_only_the_adapter_and_resumes(tiny_cfg, tmp_path):
     state = resumed["module"].state_dict()
     assert all(torch.equal(state[k], v) for k, v in trained.items())
     assert resumed["trainer"].global_step == 2
+
+
+def test_a_step_that_keeps_nothing_contributes_zero(tiny_cfg):
+    cfg = tiny_cfg(*PLAIN_SGD, "pruner=none", "pruner._target_=tests.signals.KeepNothing", "trainer.max_steps=2")
+    before = {k: v.clone() for k, v in build_model(cfg.model, "", vocab_size=104, seed=cfg.seed).named_parameters()}
+    metrics, objects = train(cfg)
+    assert metrics["train/loss"] == 0.0 and metrics["train/loss_tokens"] == 0.0
+    for name, param in objects["module"].model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name  # no NaN, no change
+
+
+def test_non_finite_losses_are_skipped_and_counted(tiny_cfg):
+    cfg = tiny_cfg(
+        "pruner=none", "pruner._target_=tests.signals.NonFiniteFirst", "+pruner.bad=2", "trainer.max_steps=3"
+    )
+    metrics, objects = train(cfg)
+    assert objects["module"].bad_steps == 2 and metrics["train/nonfinite_skipped"] == 2.0
+    # Lightning still counts a skipped micro-batch as an (empty) optimizer step: no gradient, no change
+    assert objects["trainer"].global_step == 3
+    assert all(torch.isfinite(p).all() for p in objects["module"].model.parameters())
+
+
+def test_too_many_non_finite_losses_in_a_row_stop_with_a_checkpoint(tiny_cfg, tmp_path):
+    from qtuning.resume import NonFiniteLossError
+
+    cfg = tiny_cfg("pruner=none", "pruner._target_=tests.signals.NonFiniteFirst", "+pruner.bad=100", "max_bad_steps=3")
+    with pytest.raises(NonFiniteLossError, match=r"max_bad_steps=3: 3 micro-batches in a row"):
+        train(cfg)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    initial = build_model(cfg.model, "", vocab_size=104, seed=cfg.seed).state_dict()
+    for name, value in initial.items():  # nothing finite was ever applied: the saved weights are the initial ones
+        torch.testing.assert_close(checkpoint["state_dict"][f"model.{name}"], value)
