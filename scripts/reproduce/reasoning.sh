@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The paper's reasoning table on GPUs: LoRA SFT of LLaMA3-8B, Mistral-7B or SmolLM2-1.7B on MathInstruct, InfoBatch x
+# {Random, PPL, FastV, SparseVLM}, Q-Tuning and full data at 25x50, 25x70 and 50x70 (conf/sweep/reasoning.yaml:
+# 6 rows x 3 budgets = 18 jobs, one Hydra multirun), plus the base model zero-shot, all evaluated on GSM8K and MATH
+# (conf/eval/paper_reasoning.yaml). Costs and the paper's numbers beside ours: scripts/reproduce/README.md.
+#
+#   MODEL=llama3_8b MODEL_PATH=/models/Meta-Llama-3-8B MATHINSTRUCT=/data/MathInstruct.json EVAL_DATA=/data/eval \
+#       bash scripts/reproduce/reasoning.sh
+#   CUDA_VISIBLE_DEVICES=1 ZERO_SHOT=0 ... bash scripts/reproduce/reasoning.sh hydra.sweeper.params.budget=s25_t50
+#                                              # one shard of the grid per GPU (README.md: several GPUs)
+#   ... bash scripts/reproduce/reasoning.sh hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \
+#           hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=2880        # one SLURM job per grid job
+#
+# Required: MODEL (llama3_8b | mistral_7b | smollm2_1_7b), MODEL_PATH (a local copy of the base model), MATHINSTRUCT
+# (the MathInstruct json, alpaca format), EVAL_DATA (a directory holding math.jsonl: rows with problem and
+# solution|answer; its other <task>.jsonl files, if any, replace the packaged ones). Optional: OUT (default
+# logs/reproduce/reasoning_$MODEL); EVAL_ARGS (eval.* overrides for every evaluation, e.g. "eval.batch_size=32");
+# ZERO_SHOT=0 skips the base-model evaluation (it is also skipped when $OUT/zero_shot/metrics.json exists).
+# Arguments go to the training multirun. An option the authors' runs suggest (paper.md §8.2), not a default here:
+# their LLaMA3-8B MathInstruct Q-Tuning run used lr 1e-5 (optimizer.lr=1e-5; for Q-Tuning alone, a second multirun
+# into another OUT with "hydra.sweeper.params.method=qtuning" optimizer.lr=1e-5). Likewise FastV/SparseVLM rows at
+# lr 5e-5 (paper.md §7.3). An interrupted grid: rerun with resume=auto (killed jobs continue from last.ckpt).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+die() { echo "reasoning.sh: $*" >&2; exit 2; }
+MODEL=${MODEL:-}
+case "$MODEL" in
+    llama3_8b | mistral_7b | smollm2_1_7b) ;;
+    "") die "set MODEL=llama3_8b, mistral_7b or smollm2_1_7b (the models of the paper's reasoning table)" ;;
+    *) die "MODEL=$MODEL: the reasoning table has llama3_8b, mistral_7b and smollm2_1_7b (conf/model/)" ;;
+esac
+[[ -n "${MODEL_PATH:-}" ]] || die "set MODEL_PATH to a local copy of the base model (e.g. meta-llama/Meta-Llama-3-8B)"
+[[ -d "$MODEL_PATH" ]] || die "MODEL_PATH=$MODEL_PATH is not a directory (runs are offline: a local copy is needed)"
+[[ -n "${MATHINSTRUCT:-}" ]] || die "set MATHINSTRUCT to the MathInstruct training file (alpaca-format json)"
+[[ -e "$MATHINSTRUCT" ]] || die "MATHINSTRUCT=$MATHINSTRUCT does not exist"
+[[ -n "${EVAL_DATA:-}" ]] || die "set EVAL_DATA to a directory holding math.jsonl (MATH test: problem, solution|answer)"
+[[ -f "$EVAL_DATA/math.jsonl" ]] || die "EVAL_DATA=$EVAL_DATA has no math.jsonl"
+
+# A multi-process strategy cannot run inside a multirun with Hydra's basic launcher: Lightning restarts each extra rank
+# with this process's own command line (sys.argv: -m, sweep=...), so every rank would start the whole grid.
+launcher=basic
+for arg in "$@"; do [[ "$arg" == hydra/launcher=submitit* ]] && launcher=submitit; done
+for arg in "$@"; do
+    case "$arg" in
+        trainer=ddp* | trainer=fsdp* | trainer=deepspeed* | trainer.strategy=ddp* | trainer.strategy=fsdp* \
+        | trainer.strategy=deepspeed* | trainer.devices=-1 | trainer.devices=[2-9]*)
+            [[ "$launcher" == submitit ]] || die "$arg: multi-GPU training cannot run inside this multirun with the basic \
+launcher (every DDP rank would relaunch the whole sweep); run one job per GPU (scripts/reproduce/README.md, several \
+GPUs), or add hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=N hydra.launcher.gpus_per_node=N" ;;
+    esac
+done
+
+OUT=${OUT:-logs/reproduce/reasoning_$MODEL}
+ZERO_SHOT=${ZERO_SHOT:-1}
+PYTHON=${PYTHON:-python}
+read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
+EVAL_ARGS=(eval=paper_reasoning eval.device=cuda "eval.data_dir=$EVAL_DATA" ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export WANDB_MODE=${WANDB_MODE:-offline}
+
+mkdir -p "$OUT"
+# The base model, zero-shot: the same evaluation, no training.
+if [[ "$ZERO_SHOT" != 0 && ! -f "$OUT/zero_shot/metrics.json" ]]; then
+    "$PYTHON" -m qtuning.eval model="$MODEL" model.name_or_path="$MODEL_PATH" "${EVAL_ARGS[@]}" \
+        hydra.run.dir="$OUT/zero_shot"
+fi
+# The whole grid: one Hydra multirun, one job (and one W&B run) per row x budget. Hydra runs every job, then fails
+# if one did: the summary is written either way (failed jobs listed as missing) and the status passed on.
+status=0
+"$PYTHON" -m qtuning.train -m sweep=reasoning experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
+    data=mathinstruct data.path="$MATHINSTRUCT" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
+"$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" --metrics gsm8k/exact_match math/exact_match
+exit "$status"

