@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-die() { echo "reasoning.sh: $*" >&2; exit 2; }
+source scripts/reproduce/common.sh
 MODEL=${MODEL:-}
 case "$MODEL" in
     llama3_8b | mistral_7b | smollm2_1_7b) ;;
@@ -37,38 +37,11 @@ esac
 [[ -n "${EVAL_DATA:-}" ]] || die "set EVAL_DATA to a directory holding math.jsonl (MATH test: problem, solution|answer)"
 [[ -f "$EVAL_DATA/math.jsonl" ]] || die "EVAL_DATA=$EVAL_DATA has no math.jsonl"
 
-# A multi-process strategy cannot run inside a multirun with Hydra's basic launcher: Lightning restarts each extra rank
-# with this process's own command line (sys.argv: -m, sweep=...), so every rank would start the whole grid.
-launcher=basic
-for arg in "$@"; do [[ "$arg" == hydra/launcher=submitit* ]] && launcher=submitit; done
-for arg in "$@"; do
-    case "$arg" in
-        trainer=ddp* | trainer=fsdp* | trainer=deepspeed* | trainer.strategy=ddp* | trainer.strategy=fsdp* \
-        | trainer.strategy=deepspeed* | trainer.devices=-1 | trainer.devices=[2-9]*)
-            [[ "$launcher" == submitit ]] || die "$arg: multi-GPU training cannot run inside this multirun with the basic \
-launcher (every DDP rank would relaunch the whole sweep); run one job per GPU (scripts/reproduce/README.md, several \
-GPUs), or add hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=N hydra.launcher.gpus_per_node=N" ;;
-    esac
-done
+refuse_multi_gpu "$@"
 
 OUT=${OUT:-logs/reproduce/reasoning_$MODEL}
 ZERO_SHOT=${ZERO_SHOT:-1}
 PYTHON=${PYTHON:-python}
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 EVAL_ARGS=(eval=paper_reasoning eval.device=cuda "eval.data_dir=$EVAL_DATA" ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export WANDB_MODE=${WANDB_MODE:-offline}
-
-mkdir -p "$OUT"
-# The base model, zero-shot: the same evaluation, no training.
-if [[ "$ZERO_SHOT" != 0 && ! -f "$OUT/zero_shot/metrics.json" ]]; then
-    "$PYTHON" -m qtuning.eval model="$MODEL" model.name_or_path="$MODEL_PATH" "${EVAL_ARGS[@]}" \
-        hydra.run.dir="$OUT/zero_shot"
-fi
-# The whole grid: one Hydra multirun, one job (and one W&B run) per row x budget. Hydra runs every job, then fails
-# if one did: the summary is written either way (failed jobs listed as missing) and the status passed on.
-status=0
-"$PYTHON" -m qtuning.train -m sweep=reasoning experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
-    data=mathinstruct data.path="$MATHINSTRUCT" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
-"$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" --metrics gsm8k/exact_match math/exact_match
-exit "$status"
+run_grid reasoning mathinstruct "$MATHINSTRUCT" "gsm8k/exact_match math/exact_match" "$@"

@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-die() { echo "table1.sh: $*" >&2; exit 2; }
+source scripts/reproduce/common.sh
 MODEL=${MODEL:-}
 case "$MODEL" in
     llama2_7b | mistral_7b) ;;
@@ -37,39 +37,11 @@ if [[ -n "${EVAL_DATA:-}" ]]; then
     [[ -d "$EVAL_DATA" ]] || die "EVAL_DATA=$EVAL_DATA is not a directory"
 fi
 
-# A multi-process strategy cannot run inside a multirun with Hydra's basic launcher: Lightning restarts each extra rank
-# with this process's own command line (sys.argv: -m, sweep=...), so every rank would start the whole grid.
-launcher=basic
-for arg in "$@"; do [[ "$arg" == hydra/launcher=submitit* ]] && launcher=submitit; done
-for arg in "$@"; do
-    case "$arg" in
-        trainer=ddp* | trainer=fsdp* | trainer=deepspeed* | trainer.strategy=ddp* | trainer.strategy=fsdp* \
-        | trainer.strategy=deepspeed* | trainer.devices=-1 | trainer.devices=[2-9]*)
-            [[ "$launcher" == submitit ]] || die "$arg: multi-GPU training cannot run inside this multirun with the basic \
-launcher (every DDP rank would relaunch the whole sweep); run one job per GPU (scripts/reproduce/README.md, several \
-GPUs), or add hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=N hydra.launcher.gpus_per_node=N" ;;
-    esac
-done
+refuse_multi_gpu "$@"
 
 OUT=${OUT:-logs/reproduce/table1_$MODEL}
 ZERO_SHOT=${ZERO_SHOT:-1}
 PYTHON=${PYTHON:-python}
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 EVAL_ARGS=(eval=paper_general eval.device=cuda ${EVAL_DATA:+"eval.data_dir=$EVAL_DATA"} ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export WANDB_MODE=${WANDB_MODE:-offline}
-
-mkdir -p "$OUT"
-# The base model, zero-shot: the same evaluation, no training.
-if [[ "$ZERO_SHOT" != 0 && ! -f "$OUT/zero_shot/metrics.json" ]]; then
-    "$PYTHON" -m qtuning.eval model="$MODEL" model.name_or_path="$MODEL_PATH" "${EVAL_ARGS[@]}" \
-        hydra.run.dir="$OUT/zero_shot"
-fi
-# The whole grid: one Hydra multirun, one job (and one W&B run) per row x budget. Hydra runs every job, then fails
-# if one did: the summary is written either way (failed jobs listed as missing) and the status passed on.
-status=0
-"$PYTHON" -m qtuning.train -m sweep=table1 experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
-    data=wizardlm data.path="$WIZARD" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
-"$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" \
-    --metrics arc_easy/acc arc_challenge/acc gsm8k/exact_match squad2/f1 triviaqa/exact_match
-exit "$status"
+run_grid table1 wizardlm "$WIZARD" "arc_easy/acc arc_challenge/acc gsm8k/exact_match squad2/f1 triviaqa/exact_match" "$@"
