@@ -62,6 +62,25 @@ def flatten_results(results: dict[str, Any], names: list[str]) -> dict[str, floa
     return flat
 
 
+def call_groups(
+    names: list[str], limit: Any, limits: Any = None, chat_template: Any = False
+) -> dict[tuple[Any, bool], list[str]]:
+    """Tasks grouped by (document limit, chat template), since lm-eval takes one of each per call.
+
+    ``limits`` maps a task to its own limit (else ``limit``); ``chat_template`` is a bool for every task or a list of
+    the tasks whose prompts go through the tokenizer's chat template.
+    """
+    limits = dict(limits or {})
+    chat = set(names) if chat_template is True else set(chat_template or [])
+    unknown = chat - set(names)
+    if unknown:
+        raise QTuningError(f"eval.chat_template names {sorted(unknown)}, which are not in eval.tasks={names}")
+    groups: dict[tuple[Any, bool], list[str]] = {}
+    for name in names:
+        groups.setdefault((limits.get(name, limit), name in chat), []).append(name)
+    return groups
+
+
 def evaluate(model: torch.nn.Module, tokenizer: Any, eval_cfg: DictConfig, cache_dir: str, work_dir: Path) -> dict:
     """Run ``eval_cfg.tasks`` through lm-eval on ``model``; metrics and their standard errors, flat."""
     from lm_eval import simple_evaluate
@@ -71,15 +90,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, eval_cfg: DictConfig, cache
     names = list(eval_cfg.tasks)
     include = prepare_tasks(names, work_dir / "lm_eval_tasks", cache_dir, eval_cfg.get("data_dir"))
     task_manager = TaskManager(include_path=str(include), include_defaults=False)  # 12 s saved: no built-ins
-    limits = dict(eval_cfg.get("limits") or {})
-    by_limit: dict[Any, list[str]] = {}  # lm-eval takes one limit per call: one call per distinct limit
-    for name in names:
-        by_limit.setdefault(limits.get(name, eval_cfg.limit), []).append(name)
+    groups = call_groups(names, eval_cfg.limit, eval_cfg.get("limits"), eval_cfg.get("chat_template", False))
     started = time.time()
     metrics: dict[str, float] = {}
     with merged_for_eval(model, eval_cfg.device) as plain:
         lm = HFLM(pretrained=plain, tokenizer=tokenizer, batch_size=eval_cfg.batch_size, max_length=eval_cfg.max_length)
-        for limit, group in by_limit.items():
+        for (limit, chat), group in groups.items():
             output = simple_evaluate(
                 model=lm,
                 tasks=[TASKS[name].task for name in group],
@@ -87,7 +103,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, eval_cfg: DictConfig, cache
                 limit=limit,
                 bootstrap_iters=eval_cfg.bootstrap_iters,
                 log_samples=False,
-                apply_chat_template=bool(eval_cfg.get("chat_template", False)),
+                apply_chat_template=chat,
             )
             metrics.update(flatten_results(output["results"], group))
     metrics["eval/runtime_s"] = time.time() - started

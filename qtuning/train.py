@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from qtuning.checkpoints import check_checkpoint
 from qtuning.config import check_config, instantiate_key
 from qtuning.errors import exit_on_bad_input, run_cli
-from qtuning.eval import evaluate, log_to_loggers
+from qtuning.eval import call_groups, evaluate, log_to_loggers
 from qtuning.evaluation.data import prepare_tasks
 from qtuning.loggers import build_loggers, describe_wandb
 from qtuning.models import build_model, build_tokenizer
@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_checkpoint(resume_from)  # a damaged file fails now, not after the data and the model are loaded
     if cfg.get("eval"):  # unknown tasks or missing evaluation data fail now, not after training
         prepare_tasks(list(cfg.eval.tasks), output_dir / "lm_eval_tasks", cfg.paths.cache_dir, cfg.eval.get("data_dir"))
+        call_groups(list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.get("limits"), cfg.eval.get("chat_template"))
 
     tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
     datamodule = instantiate_key(cfg.data, "data", tokenizer=tokenizer)

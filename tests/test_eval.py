@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qtuning.errors import QTuningError
-from qtuning.eval import flatten_results, merged_for_eval
+from qtuning.eval import call_groups, flatten_results, merged_for_eval
 from qtuning.models import build_tiny_llama
 from qtuning.models.build import apply_lora
 from qtuning.train import train
@@ -119,3 +119,15 @@ def test_eval_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_train_rejects_unknown_eval_task_before_training(tiny_cfg):
     with pytest.raises(QTuningError, match="eval.tasks"):
         train(tiny_cfg("eval=arc", "eval.tasks=[nope]"))
+
+
+def test_call_groups_by_limit_and_chat_template():
+    names = ["arc_easy", "arc_challenge", "triviaqa", "squad2"]
+    assert call_groups(names, None, {"triviaqa": 50, "squad2": 50}, ["triviaqa", "squad2"]) == {
+        (None, False): ["arc_easy", "arc_challenge"],
+        (50, True): ["triviaqa", "squad2"],
+    }
+    assert call_groups(names, 10, None, True) == {(10, True): names}
+    assert call_groups(names, 10) == {(10, False): names}
+    with pytest.raises(QTuningError, match=r"eval.chat_template names \['gsm8k'\]"):
+        call_groups(names, 10, None, ["gsm8k"])
