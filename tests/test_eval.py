@@ -106,7 +106,7 @@ def test_eval_cli_prints_accuracies_and_writes_metrics(tmp_path):
     ("args", "message"),
     [
         (["eval.tasks=[arc_easy,mmlu]"], r"error: .*eval\.tasks.*mmlu"),
-        (["eval=paper_reasoning"], r"error: .*math.*eval\.data_dir"),
+        (["eval=arc", "eval.data_dir=/nonexistent"], r"error: eval\.data_dir=/nonexistent: not a directory"),
         (["checkpoint=/nonexistent/run"], r"error: checkpoint=/nonexistent/run"),
     ],
 )

