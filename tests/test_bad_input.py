@@ -66,6 +66,12 @@ CASES = [
         id="unknown-pruner",
     ),
     pytest.param(None, ["trainer.max_stepz=3"], "error: Could not override 'trainer.max_stepz'", id="unknown-key"),
+    pytest.param(
+        None,
+        ["experiment=mini_repro", "eval=null"],
+        "error: Config group override must be a string or a list. Got NoneType",
+        id="null-group-override",
+    ),
     pytest.param(None, ["data.path=???"], "error: data.path: required, but no value given", id="missing-value"),
     pytest.param(
         None,
