@@ -34,10 +34,11 @@ log = logging.getLogger("qtuning.eval")
 
 
 @contextlib.contextmanager
-def merged_for_eval(model: torch.nn.Module, device: str) -> Iterator[torch.nn.Module]:
-    """The plain causal LM in eval mode on ``device``: a LoRA adapter merged into it for the duration (undone after,
-    so training could go on), the previous mode and device restored."""
+def merged_for_eval(model: torch.nn.Module, device: str | None = None) -> Iterator[torch.nn.Module]:
+    """The plain causal LM in eval mode on ``device`` (None: where it is): a LoRA adapter merged into it for the
+    duration (undone after, so training could go on), the previous mode and device restored."""
     was_training, previous = model.training, next(model.parameters()).device
+    device = device or previous
     is_peft = hasattr(model, "merge_adapter")
     if is_peft:
         model.merge_adapter()
