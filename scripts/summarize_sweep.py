@@ -25,7 +25,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qtuning.errors import QTuningError, exit_on_bad_input  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 NAMES = {
     "random": "Random",
@@ -192,16 +195,26 @@ def signed(delta: float) -> str:
     return f"{round(delta, 3) + 0.0:+.3f}".replace("-", "−")  # + 0.0: no "−0.000"
 
 
-def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> str:
+def spread(group: list[dict], metric: str) -> tuple[float, float | None, int] | None:
+    """(mean, error, number of values) of a row's metric: the error is the sample std over its jobs when n > 1, or
+    the standard error lm-eval reports for a single job's task metric; None when no job has the metric."""
     values = [r["metrics"][metric] for r in group if metric in r["metrics"]]
     if not values:
-        return "—"
+        return None
     mean, std = stats(values)
-    if std is None and f"{metric}_stderr" in group[0]["metrics"]:  # one job: the standard error lm-eval reports
+    if std is None and f"{metric}_stderr" in group[0]["metrics"]:
         std = group[0]["metrics"][f"{metric}_stderr"]
-    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-    if len(values) < len(group):
-        text += f" (n={len(values)})"
+    return mean, std, len(values)
+
+
+def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> str:
+    summary = spread(group, metric)
+    if summary is None:
+        return "—"
+    mean, error, n = summary
+    text = f"{mean:.3f}" if error is None else f"{mean:.3f} ± {error:.3f}"
+    if n < len(group):
+        text += f" (n={n})"
     deltas = []
     for base in baselines:
         base_values = [r["metrics"][metric] for r in base or [] if metric in r["metrics"]]
@@ -209,8 +222,13 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
     return f"{text} ({' / '.join(deltas)})"
 
 
-def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
-    """The Markdown summary: common overrides, the table in Table 1's layout, its legend, the missing jobs."""
+RowKey = tuple[str, str, tuple[str, ...]]  # (sample pruner, token pruner, pruner.* overrides)
+
+
+def layout(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, dict[RowKey, list[dict]]]], list[str], bool]:
+    """The table's blocks in order, each (heading, {row key: jobs} in display order) with the full-data and zero-shot
+    rows in every block, as in the paper; the overrides common to every training job; whether a full-data job was
+    seen again under another budget (and counted once)."""
     # zero-shot jobs (`qtuning.eval` of the base model) share no training overrides: they join every block as they are
     zero_shot = [r for r in rows if r["status"] == "done" and r["sample"] == ZERO_SHOT]
     done = [r for r in rows if r["status"] == "done" and r["sample"] != ZERO_SHOT]
@@ -219,7 +237,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     context_keys = sorted(k for k in varying if k not in variant_keys and not k.startswith("budget"))
 
     # context → budget (None for full data) → (sample, token, variant) → jobs
-    groups: dict[tuple, dict[tuple | None, dict[tuple, list[dict]]]] = defaultdict(lambda: defaultdict(dict))
+    groups: dict[tuple, dict[tuple | None, dict[RowKey, list[dict]]]] = defaultdict(lambda: defaultdict(dict))
     titles: dict[tuple, str] = {}
     full_seen = set()
     for r in done:
@@ -234,36 +252,47 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
             full_seen.add((context, variant, r["seed"]))
         groups[context][budget].setdefault((r["sample"], r["token"], variant), []).append(r)
 
-    lines = []
+    if zero_shot and not groups:
+        groups[()] = defaultdict(dict)
+    ordered = []
+    for context in sorted(groups):
+        blocks = groups[context]
+        if zero_shot:
+            blocks[None][(ZERO_SHOT, NO_TOKEN, ())] = zero_shot
+        full_rows = blocks.get(None, {})  # full data and zero-shot
+        suffix = "".join(f" · {k}={v}" for k, v in context)
+        for budget in sorted((b for b in blocks if b is not None), key=lambda b: b[:2]) or [None]:
+            block = dict(blocks.get(budget, {})) if budget is not None else {}
+            block.update(full_rows)
+            keys = sorted(block, key=lambda k: (*row_order(k[0], k[1]), k[2]))
+            ordered.append(((titles[budget] if budget is not None else FULL) + suffix, {k: block[k] for k in keys}))
     common = sorted(
         {f"{k}={v}" for r in rows if r["sample"] != ZERO_SHOT for k, v in r["overrides"].items() if k not in varying}
     )
+    return ordered, common, bool(full_seen)
+
+
+def row_name(key: RowKey) -> str:
+    sample, _, variant = key
+    return sample + (f" ({', '.join(variant)})" if variant else "")
+
+
+def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
+    """The Markdown summary: common overrides, the table in Table 1's layout, its legend, the missing jobs."""
+    blocks, common, full_counted_once = layout(rows)
+    lines = []
     if common:
         lines += ["Same in every job: " + " ".join(f"`{o}`" for o in common), ""]
     lines += [
         "| Sample pruner | Token pruner | n | " + " | ".join(metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
     ]
-    if zero_shot and not groups:
-        groups[()] = defaultdict(dict)
-    for context in sorted(groups):
-        blocks = groups[context]
-        if zero_shot:
-            blocks[None][(ZERO_SHOT, NO_TOKEN, ())] = zero_shot
-        full_rows = blocks.get(None, {})  # full data and zero-shot
-        full = full_rows.get((FULL, NO_TOKEN, ()))
-        suffix = "".join(f" · {k}={v}" for k, v in context)
-        for budget in sorted((b for b in blocks if b is not None), key=lambda b: b[:2]) or [None]:
-            heading = (titles[budget] if budget is not None else FULL) + suffix
-            lines.append(f"| **{heading}** |" + " |" * (2 + len(metrics)))
-            block = dict(blocks.get(budget, {})) if budget is not None else {}
-            block.update(full_rows)  # the full-data rows in every block, as in the paper
-            random_random = block.get(("Random", "Random", ()))
-            for sample, token, variant in sorted(block, key=lambda k: (*row_order(k[0], k[1]), k[2])):
-                group = block[sample, token, variant]
-                name = sample + (f" ({', '.join(variant)})" if variant else "")
-                cells = [cell(group, m, [random_random, full]) for m in metrics]
-                lines.append(f"| {name} | {token} | {len(group)} | " + " | ".join(cells) + " |")
+    for heading, block in blocks:
+        lines.append(f"| **{heading}** |" + " |" * (2 + len(metrics)))
+        random_random, full = block.get(("Random", "Random", ())), block.get((FULL, NO_TOKEN, ()))
+        for key, group in block.items():
+            cells = [cell(group, m, [random_random, full]) for m in metrics]
+            lines.append(f"| {row_name(key)} | {key[1]} | {len(group)} | " + " | ".join(cells) + " |")
 
     lines += [
         "",
@@ -272,12 +301,12 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
         "its difference to Random / Random of the same block and to Full data; — where that row is missing or is "
         "the row itself.",
     ]
-    if full_seen:
+    if full_counted_once:
         lines[-1] += " Full data counts one job per seed, whatever its budget (which it ignores)."
     lower = [m for m in metrics if any(word in m.lower() for word in LOWER_IS_BETTER)]
     if lower:
         lines[-1] += f" Lower is better for losses and perplexities ({', '.join(lower)})."
-    if not done:
+    if not any(r["status"] == "done" and r["sample"] != ZERO_SHOT for r in rows):
         lines += ["", "No job has finished."]
     missing = [r for r in rows if r["status"] == "missing"]
     if missing:
@@ -286,6 +315,41 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
             budget = "" if r["sample"] in BUDGETLESS else f", {block_title(r['r_sample'], r['r_token'], r['budget'])}"
             lines.append(f"- `{r['job']}`: {r['sample']} / {r['token']}{budget}")
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> Figure:
+    """One panel per block × metric: each row's mean with its error bar (± the std or lm-eval standard error of the
+    table), the full-data mean dashed and the zero-shot mean dotted, so that overlapping rows show at a glance."""
+    from matplotlib.figure import Figure  # only for --plot: the table needs no matplotlib
+
+    blocks, _, _ = layout(rows)
+    height = max(len(block) for _, block in blocks) * 0.32 + 1.2
+    fig = Figure(figsize=(3.2 * len(metrics) + 2.5, height * len(blocks)), layout="constrained")
+    axes = fig.subplots(len(blocks), len(metrics), squeeze=False, sharey="row")
+    for (heading, block), row_axes in zip(blocks, axes, strict=True):
+        keys = list(block)[::-1]  # the table's first row on top
+        labels = [row_name(k) + ("" if k[1] == NO_TOKEN else f" / {k[1]}") for k in keys]
+        for metric, ax in zip(metrics, row_axes, strict=True):
+            for y, key in enumerate(keys):
+                summary = spread(block[key], metric)
+                if summary is None:
+                    continue
+                mean, error, _ = summary
+                color = "tab:red" if key[0].startswith(QTUNING) else "tab:blue"
+                ax.errorbar(mean, y, xerr=error, fmt="o", color=color, capsize=3)
+                style = {FULL: "--", ZERO_SHOT: ":"}.get(key[0])
+                if style:
+                    ax.axvline(mean, color="grey", linestyle=style, linewidth=1)
+            ax.set_yticks(range(len(keys)), labels)
+            ax.set_title(f"{metric}\n{heading}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(
+        "error bars: ± the std over seeds (n > 1) or lm-eval's standard error (one job); "
+        "dashed: full data, dotted: zero-shot; red: Q-Tuning",
+        fontsize=8,
+    )
+    fig.savefig(path, dpi=120)
+    return fig
 
 
 def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -323,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR")
     parser.add_argument("--metrics", nargs="+", default=None, help="table columns (default: see above)")
     parser.add_argument("--out", type=Path, default=None, help="write PREFIX.csv and PREFIX.md (SWEEP_DIR/summary)")
+    parser.add_argument("--plot", action="store_true", help="also PREFIX.png: every row's metrics with error bars")
     args = parser.parse_args(argv)
     rows = collect(args.sweep_dir)
     metrics = args.metrics or default_metrics(rows)
@@ -334,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, prefix.with_name(prefix.name + ".csv"))
     prefix.with_name(prefix.name + ".md").write_text(text)
+    if args.plot:
+        plot(rows, metrics, prefix.with_name(prefix.name + ".png"))
     print(text, end="")
 
 

@@ -268,3 +268,38 @@ def test_a_non_default_triage_names_its_own_row(tmp_path):
         "| Q-Tuning | — | 1 | 1.800 (— / —) |",
         "| Q-Tuning (fill_up=rank, ppl_guard=0.25) | — | 1 | 1.700 (— / —) |",
     ]
+
+
+def test_spread_is_std_over_seeds_or_the_single_jobs_stderr(tmp_path):
+    jobs = [{"metrics": {"acc": v}} for v in (0.4, 0.5, 0.6)]
+    mean, std, n = summarize.spread(jobs, "acc")
+    assert (round(mean, 12), round(std, 12), n) == (0.5, 0.1, 3)  # sample std of .4 .5 .6 is .1
+    assert summarize.spread([{"metrics": {"acc": 0.4, "acc_stderr": 0.03}}], "acc") == (0.4, 0.03, 1)
+    assert summarize.spread([{"metrics": {"loss": 1.0}}], "loss") == (1.0, None, 1)
+    assert summarize.spread([{"metrics": {}}], "acc") is None
+
+
+def test_plot_puts_every_rows_mean_and_error_where_the_table_does(tmp_path):
+    make_job(tmp_path, "r1", "combo:random:random", "s25_t50", 2.0, seed=1)
+    make_job(tmp_path, "r2", "combo:random:random", "s25_t50", 2.4, seed=2)
+    make_job(tmp_path, "q", "qtuning", "s25_t50", 1.8)
+    make_job(tmp_path, "f", "none", "s25_t50", 1.5)
+    make_job(tmp_path, "s", "combo:random:random", "s12_t70", 2.2)
+    summarize.main([str(tmp_path), "--metrics", "val/loss", "val/ppl", "--plot", "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s.png").stat().st_size > 0
+    fig = summarize.plot(summarize.collect(tmp_path), ["val/loss"], tmp_path / "again.png")
+    blocks = fig.axes
+    assert [ax.get_title() for ax in blocks] == [
+        "val/loss\n12.5% samples × 70% tokens",
+        "val/loss\n25% samples × 50% tokens",
+    ]
+    ax = blocks[1]  # Random / Random, Q-Tuning, Full data: the table's order, drawn from the top
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["Full data", "Q-Tuning", "Random / Random"]
+    points = [line.get_xydata()[0].tolist() for line in ax.lines if line.get_marker() == "o"]
+    assert points == [[1.5, 0.0], [1.8, 1.0], [pytest.approx(2.2), 2.0]]
+    bars = ax.collections  # one horizontal error bar per row with an error: Random / Random's std
+    assert len(bars) == 1
+    ((start, end),) = [seg[:, 0] for seg in bars[0].get_segments()]
+    assert (start, end) == (pytest.approx(2.2 - 0.282842712), pytest.approx(2.2 + 0.282842712))  # std(2.0, 2.4)
+    dashed = [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--"]
+    assert dashed == [1.5]  # full data
