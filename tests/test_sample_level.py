@@ -126,6 +126,9 @@ def test_infobatch_state_resumes_inside_an_epoch():
     resumed = InfoBatch(0.5, seed=2)
     resumed.load_state_dict(pruner.state_dict())
     assert torch.equal(resumed.scores, pruner.scores)
+    # a resumed trainer asks for the LR schedule's length from epoch 0 before it builds epoch 1's loader
+    # (an estimate from the new scores, mean 1.5375: samples 2 and 3 above it, and 3 of the other 6)
+    assert resumed.expected_sizes(0, data, 3) == [5, 5, 5]
     same = resumed.plan(1, data, 3)  # the plan of the epoch under way, not one from the new scores
     assert torch.equal(same.indices, plan.indices) and torch.equal(same.weights, plan.weights)
     assert torch.equal(resumed.plan(2, data, 3).indices, pruner.plan(2, data, 3).indices)

@@ -168,20 +168,26 @@ class InfoBatch(SamplePruner):
         return epoch >= self.delta * max_epochs
 
     def plan(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
-        if self.current is not None and self.current[0] == epoch:  # a resume inside this epoch: same plan
-            return self.current[1]
         if self.scores is None:
             self.scores = torch.ones(len(info.instructions))
+        if self.current is None or self.current[0] != epoch:  # a resume inside this epoch keeps its plan
+            self.current = (epoch, self.preview(epoch, info, max_epochs))
+        return self.current[1]
+
+    def preview(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
+        """The plan of the epoch under way, or the one ``epoch`` would get from the scores as they are now, without
+        making it the epoch under way: a resumed run asks about other epochs (the LR schedule's length) before its
+        loader is built, and must not replace the plan its checkpoint restored."""
+        if self.current is not None and self.current[0] == epoch:
+            return self.current[1]
+        scores = self.scores if self.scores is not None else torch.ones(len(info.instructions))
         if self.annealed(epoch, max_epochs):
-            plan = EpochPlan(torch.arange(self.scores.numel()), full_weights(info))
-        else:
-            plan = infobatch_plan(self.scores, self.r_sample, epoch_generator(self.seed, epoch))
-        self.current = (epoch, plan)
-        return plan
+            return EpochPlan(torch.arange(scores.numel()), full_weights(info))
+        return infobatch_plan(scores, self.r_sample, epoch_generator(self.seed, epoch))
 
     def expected_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
         """This epoch's real size, the same for the pruned epochs after it, N once annealed."""
-        current = self.plan(epoch, info, max_epochs).indices.numel()
+        current = self.preview(epoch, info, max_epochs).indices.numel()
         n = len(info.instructions)
         return [current if not self.annealed(e, max_epochs) else n for e in range(epoch, max_epochs)]
 
