@@ -170,8 +170,7 @@ class InfoBatch(SamplePruner):
     def plan(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
         if self.scores is None:
             self.scores = torch.ones(len(info.instructions))
-        if self.current is None or self.current[0] != epoch:  # a resume inside this epoch keeps its plan
-            self.current = (epoch, self.preview(epoch, info, max_epochs))
+        self.current = (epoch, self.preview(epoch, info, max_epochs))  # inside the epoch under way: its plan
         return self.current[1]
 
     def preview(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
