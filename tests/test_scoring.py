@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule, scoring_forward
 from qtuning.pruning import BatchStats
+from tests.conftest import full_logits_cross_entropy
 
 
 def build_module(cfg, scoring: str) -> tuple[SFTModule, object]:
@@ -27,7 +29,7 @@ def grads_of(module: SFTModule, batch: dict) -> dict[str, torch.Tensor]:
     module.model.zero_grad()
     ce, weight, _, _, decision, _ = module.forward_kept(batch)
     ((ce * weight).sum() / weight.sum().clamp(min=1)).backward()
-    return {n: p.grad.clone() for n, p in module.model.named_parameters()}, decision
+    return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}, decision
 
 
 def test_separate_and_shared_give_the_same_gradient(tiny_cfg):
@@ -56,3 +58,36 @@ def test_scoring_pass_equals_statistics_from_full_logits(tiny_cfg):
     full = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"], chunk_size=10**6)
     torch.testing.assert_close(chunked.token_nll, full.token_nll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.token_entropy, full.token_entropy, rtol=1e-5, atol=1e-5)
+
+
+def reference_gradients(model, batch: dict, token_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ ce·w / Σ w from the full [B, T, V] logits of the whole batch, w the decision's positions."""
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = full_logits_cross_entropy(logits, batch["labels"], batch["attention_mask"])
+    ((ce * token_keep).sum() / token_keep.sum().clamp(min=1)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(("pruner", "scoring"), [("qtuning", "separate"), ("qtuning", "shared"), ("none", None)])
+def test_chunked_loss_gradients_equal_the_full_logits_path(tiny_cfg, pruner, lora, tied, scoring):
+    overrides = [f"pruner={pruner}", "budget=s25_t50", "data.batch_size=8", "data.val_size=0"]
+    overrides += [f"model.architecture.tie_word_embeddings={tied}", f"model.lora.enabled={lora}"]
+    cfg = tiny_cfg(*overrides)
+    tokenizer = build_tokenizer(cfg.model, "")
+    model = build_model(cfg.model, "", vocab_size=len(tokenizer), seed=cfg.seed)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    if lora:  # B starts at zero, which would leave A's gradient zero: give both a value
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=0.1)
+    policy = instantiate(cfg.pruner, scoring=scoring) if scoring else instantiate(cfg.pruner)
+    module = SFTModule(model, policy, optimizer=torch.optim.SGD)
+    for batch in first_batches(cfg, tokenizer, 2):
+        got, decision = grads_of(module, batch)
+        expected = reference_gradients(model, batch, decision.token_keep)
+        assert set(got) == set(expected) and expected
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-5, msg=name)

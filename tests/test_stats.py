@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qtuning import IGNORE_INDEX
-from qtuning.pruning import BatchStats, shift_targets, token_cross_entropy
+from qtuning.pruning import BatchStats, shift_targets, token_losses
 
 
 def naive_stats(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
@@ -72,7 +72,7 @@ def test_from_hidden_states_equals_from_logits(batch):
     torch.manual_seed(1)
     hidden = torch.randn(3, 7, 5)
     head = torch.nn.Linear(5, 11, bias=False)
-    from_hidden = BatchStats.from_hidden_states(hidden, head, labels, attention_mask, chunk_size=2)
+    from_hidden = BatchStats.from_hidden_states(hidden, head, 11, labels, attention_mask, chunk_size=2)
     from_logits = BatchStats.from_logits(head(hidden), labels, attention_mask)
     torch.testing.assert_close(from_hidden.token_nll, from_logits.token_nll)
     torch.testing.assert_close(from_hidden.token_entropy, from_logits.token_entropy)
@@ -108,13 +108,52 @@ def test_sample_aggregates_by_hand():
     assert stats.sample_entropy("response").item() == pytest.approx(1.5)
 
 
-def test_token_cross_entropy_matches_torch(batch):
-    logits, labels, attention_mask = batch
-    ce = token_cross_entropy(logits, labels, attention_mask)
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_token_losses_match_torch_and_the_statistics(batch, chunk):
+    _, labels, attention_mask = batch
+    torch.manual_seed(1)
+    hidden = torch.randn(3, 7, 5)
+    head = torch.nn.Linear(5, 11, bias=False)
+    ce = token_losses(hidden, head, 11, labels, attention_mask, chunk_size=chunk)
     _, response, _ = shift_targets(labels, attention_mask)
+    logits = head(hidden)
     expected = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(3, 6)
     torch.testing.assert_close(ce, expected * response)
     stats = BatchStats.from_logits(logits, labels, attention_mask)
     torch.testing.assert_close(ce, stats.token_nll)
+
+
+def test_token_losses_only_where_counted_and_with_the_reference_gradient(batch):
+    _, labels, attention_mask = batch
+    torch.manual_seed(2)
+    hidden = torch.randn(3, 7, 5, requires_grad=True)
+    head = torch.nn.Linear(5, 11, bias=True)
+    counted = torch.rand(3, 6) < 0.5
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    ce = token_losses(hidden, head, 11, labels, attention_mask, counted=counted, chunk_size=2)
+    _, response, _ = shift_targets(labels, attention_mask)
+    assert sum(calls) == int((counted & response).sum())  # the head ran at the counted response positions only
+    ce.sum().backward()
+    grads = (hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    logits = head(hidden)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].clamp(min=0).reshape(-1), reduction="none"
+    ).view(3, 6)
+    (expected * (counted & response)).sum().backward()
+    for got, want in zip(grads, (hidden.grad, head.weight.grad, head.bias.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_losses_with_nothing_counted_keep_every_parameter_in_the_graph(batch):
+    _, labels, attention_mask = batch
+    hidden = torch.randn(3, 7, 5, requires_grad=True)
+    head = torch.nn.Linear(5, 11)
+    ce = token_losses(hidden, head, 11, labels, attention_mask, counted=torch.zeros(3, 6, dtype=torch.bool))
+    assert ce.abs().sum() == 0
+    ce.sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() == 0
+    assert hidden.grad is not None and hidden.grad.abs().sum() == 0

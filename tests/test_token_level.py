@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from qtuning.models import build_char_tokenizer, build_tiny_llama
+from qtuning.models import build_char_tokenizer, build_random_llama
 from qtuning.module import scoring_forward
 from qtuning.pruning import (
     BatchStats,
@@ -47,7 +47,7 @@ def hand_stats() -> BatchStats:
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = build_char_tokenizer()
-    return tokenizer, build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=2).eval()
+    return tokenizer, build_random_llama(vocab_size=len(tokenizer), num_hidden_layers=2).eval()
 
 
 def padded_batch(tokenizer) -> dict[str, torch.Tensor]:

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import select_rows
-from qtuning.pruning import BatchStats, token_cross_entropy
+from qtuning.pruning import BatchStats
 from qtuning.train import train
-from tests.conftest import ROOT, TINY_OVERRIDES, add_callbacks
+from tests.conftest import ROOT, TINY_OVERRIDES, add_callbacks, full_logits_cross_entropy
 
 # SGD with lr 1 and no clipping: the parameter change of one step is exactly minus the gradient.
 PLAIN_SGD = [
@@ -50,7 +50,7 @@ def reference_gradient(cfg, n_batches: int) -> dict[str, torch.Tensor]:
     loss_sum, tokens = 0.0, 0.0
     for _, batch in zip(range(n_batches), datamodule.train_dataloader(), strict=False):
         decision = policy.select(BatchStats.from_masks(batch["labels"], batch["attention_mask"]))
-        ce = token_cross_entropy(
+        ce = full_logits_cross_entropy(
             model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             batch["labels"],
             batch["attention_mask"],

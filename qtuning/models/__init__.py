@@ -2,13 +2,13 @@
 
 from qtuning.models.build import apply_lora, build_model, build_tokenizer
 from qtuning.models.smollm2 import convert_smollm2
-from qtuning.models.tiny import build_char_tokenizer, build_tiny_llama
+from qtuning.models.tiny import build_char_tokenizer, build_random_llama
 
 __all__ = [
     "apply_lora",
     "build_char_tokenizer",
     "build_model",
     "build_tokenizer",
-    "build_tiny_llama",
+    "build_random_llama",
     "convert_smollm2",
 ]

@@ -1,4 +1,5 @@
-"""The causal LM and its tokenizer from the `model` config group: tiny, SmolLM2 from its package, any HF dir."""
+"""The causal LM and its tokenizer from the `model` config group: a random-init Llama of any shape, SmolLM2 from its
+package, any HF directory."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from qtuning.data.tokenize import use_chat_template
 from qtuning.errors import QTuningError
 from qtuning.models.smollm2 import convert_smollm2
-from qtuning.models.tiny import build_char_tokenizer, build_tiny_llama
+from qtuning.models.tiny import build_char_tokenizer, build_random_llama
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SOURCES = ("tiny", "smollm2", "hf")
+SOURCES = ("random", "smollm2", "hf")
 
 
 def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Any:
@@ -40,26 +41,30 @@ def _check(cfg: Any) -> None:
         raise QTuningError("model.name_or_path is required for model.source=hf")
 
 
-def _pretrained_path(cfg: Any, cache_dir: str) -> str:
-    if cfg.source == "smollm2":
+def _pretrained_path(source: str, name_or_path: str | None, cache_dir: str, key: str = "model.name_or_path") -> str:
+    if source == "smollm2":
         return str(convert_smollm2(Path(cache_dir).expanduser() / "smollm2-135m-instruct"))
-    path = str(cfg.name_or_path)
+    path = str(name_or_path)
     if not Path(path).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise QTuningError(f"model.name_or_path={path}: no such directory, and the hub is offline (HF_HUB_OFFLINE=1)")
+        raise QTuningError(f"{key}={path}: no such directory, and the hub is offline (HF_HUB_OFFLINE=1)")
     return path
 
 
 def build_tokenizer(cfg: Any, cache_dir: str) -> PreTrainedTokenizerBase:
     """The tokenizer of the `model` config, with a pad token and the chosen chat template."""
     _check(cfg)
-    if cfg.source == "tiny":
+    key, source, path = "model.name_or_path", cfg.source, cfg.name_or_path
+    if cfg.source == "random":  # a random-init model takes the tokenizer named by model.tokenizer
+        key, path = "model.tokenizer", cfg.tokenizer
+        source = path if path in ("char", "smollm2") else "hf"
+    if source == "char":
         tokenizer = build_char_tokenizer()
     else:
-        path = _pretrained_path(cfg, cache_dir)
+        path = _pretrained_path(source, path, cache_dir, key)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(cfg.trust_remote_code))
         except OSError as err:
-            raise QTuningError(f"model.name_or_path={path}: cannot load its tokenizer: {err}") from None
+            raise QTuningError(f"{key}={path}: cannot load its tokenizer: {err}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     use_chat_template(tokenizer, cfg.chat_template)
@@ -70,10 +75,11 @@ def build_model(cfg: Any, cache_dir: str, vocab_size: int, seed: int = 0) -> Any
     """The causal LM of the `model` config in its dtype, LoRA-wrapped if ``lora.enabled``."""
     _check(cfg)
     dtype = DTYPES[cfg.dtype]
-    if cfg.source == "tiny":
-        model = build_tiny_llama(vocab_size=vocab_size, seed=seed, **cfg.tiny).to(dtype)
+    if cfg.source == "random":
+        architecture = {"vocab_size": vocab_size, **{k: v for k, v in cfg.architecture.items() if v is not None}}
+        model = build_random_llama(seed=seed, **architecture).to(dtype)
     else:
-        path = _pretrained_path(cfg, cache_dir)
+        path = _pretrained_path(cfg.source, cfg.name_or_path, cache_dir)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=bool(cfg.trust_remote_code)

@@ -1,8 +1,10 @@
-"""A character-level tokenizer and a random-init Llama, both built in code: the offline model for tests and demos."""
+"""A character-level tokenizer and random-init Llamas, both built in code: the offline models for tests, demos and
+benchmarks at real shapes."""
 
 from __future__ import annotations
 
 import string
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -11,6 +13,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from qtuning.data.tokenize import PLAIN_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+TINY_ARCHITECTURE: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+}
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -26,27 +38,10 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llama(
-    vocab_size: int,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    max_position_embeddings: int = 1024,
-    seed: int = 0,
-) -> LlamaForCausalLM:
-    """A random-init Llama (seeded), small enough for a CPU step in milliseconds."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        attention_dropout=0.0,
-    )
+def build_random_llama(vocab_size: int, seed: int = 0, **architecture: Any) -> LlamaForCausalLM:
+    """A random-init Llama (seeded): ``architecture`` holds `LlamaConfig` fields (hidden_size, num_hidden_layers, ...,
+    tie_word_embeddings); the defaults are a 2-layer model small enough for a CPU step in milliseconds."""
+    config = LlamaConfig(vocab_size=vocab_size, **{**TINY_ARCHITECTURE, **architecture})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)

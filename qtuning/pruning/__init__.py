@@ -5,7 +5,7 @@ from qtuning.pruning.combo import ComboPolicy
 from qtuning.pruning.qtuning import QTuningPolicy
 from qtuning.pruning.random_sample import RandomSamplePolicy, keep_count
 from qtuning.pruning.sample_level import AllSamples, InfoBatch, RandomSubset, SamplePruner, StaticScorePruner
-from qtuning.pruning.stats import BatchStats, shift_targets, token_cross_entropy
+from qtuning.pruning.stats import BatchStats, shift_targets, token_losses
 from qtuning.pruning.token_level import (
     FastVTokenPolicy,
     PPLTokenPolicy,
@@ -35,5 +35,5 @@ __all__ = [
     "keep_count",
     "loss_positions",
     "shift_targets",
-    "token_cross_entropy",
+    "token_losses",
 ]

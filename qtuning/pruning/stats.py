@@ -1,8 +1,9 @@
 """Per-token statistics of a batch under the current model: the one place where labels are shifted.
 
 Position ``i`` of every ``[B, T-1]`` tensor here is the prediction of token ``i + 1`` from the logits at ``i``
-(``logits[:, :-1]`` against ``labels[:, 1:]``). All statistics are fp32. Only non-pad positions are scored, a chunk
-of them at a time: the full ``[B, T, V]`` logits are never upcast at once, and from hidden states never exist.
+(``logits[:, :-1]`` against ``labels[:, 1:]``). All statistics are fp32 under any precision: the LM head may run in
+the autocast or model dtype, the softmax, logs and sums never do. Only non-pad positions are scored, a chunk of them
+at a time: the full ``[B, T, V]`` logits are never upcast at once, and from hidden states never exist.
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ from torch import Tensor
 
 from qtuning import IGNORE_INDEX
 
-# Largest fp32 chunk of logits (elements) materialised at once: 2**22 floats = 16 MiB (a few such temporaries live
-# together), small enough to stay cache-friendly, large enough for an efficient LM-head matmul.
-MAX_CHUNK_ELEMENTS = 2**22
+# Largest chunk of logits (elements) materialised at once. CPU: 2**22 floats = 16 MiB (a few such temporaries live
+# together), small enough to stay cache-friendly, large enough for an efficient LM-head matmul. CUDA: 2**26 (256 MiB
+# in fp32, about 512 positions of a 128k vocabulary), so the head's matmuls stay large enough to fill the GPU.
+MAX_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+
+
+def chunk_positions(vocab_size: int, device: torch.device) -> int:
+    """Positions per chunk: as many as fit in the device's `MAX_CHUNK_ELEMENTS` logits."""
+    return max(1, MAX_CHUNK_ELEMENTS.get(device.type, MAX_CHUNK_ELEMENTS["cpu"]) // vocab_size)
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """A region where autocast is off, so that fp32 tensors stay fp32 (autocast runs `vecdot`, `einsum`, `matmul` in
+    bf16/fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def shift_targets(labels: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -30,14 +43,6 @@ def shift_targets(labels: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
     nonpad_mask = attention_mask[:, 1:].bool()  # [B, T-1]
     response_mask = (targets != IGNORE_INDEX) & nonpad_mask  # [B, T-1]
     return targets, response_mask, nonpad_mask
-
-
-def token_cross_entropy(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> Tensor:
-    """Differentiable per-token cross-entropy in fp32, ``[B, T-1]``, 0 outside the response; logits ``[B, T, V]``."""
-    targets, response_mask, _ = shift_targets(labels, attention_mask)
-    shifted = logits[:, :-1].float()  # [B, T-1, V]
-    ce = F.cross_entropy(shifted.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return ce.view_as(targets) * response_mask
 
 
 def _chunked_nll_entropy(
@@ -53,17 +58,66 @@ def _chunked_nll_entropy(
     ``logits_at(rows, cols)`` gives the ``[c, V]`` logits that predict ``targets[rows, cols]``.
     """
     if chunk_size is None:
-        chunk_size = max(1, MAX_CHUNK_ELEMENTS // vocab_size)
+        chunk_size = chunk_positions(vocab_size, targets.device)
     token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # [B, T-1]
     token_entropy = torch.zeros_like(token_nll)  # [B, T-1]
     rows, cols = nonpad_mask.nonzero(as_tuple=True)  # [N], [N]: padding is never scored
     for start in range(0, rows.numel(), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-        log_probs = torch.log_softmax(logits_at(r, c).float(), dim=-1)  # [c, V]
-        nll = -log_probs.gather(-1, targets[r, c].clamp(min=0)[:, None]).squeeze(-1)  # [c]; −100 masked below
-        token_nll[r, c] = nll * response_mask[r, c]
-        token_entropy[r, c] = -torch.linalg.vecdot(log_probs.exp(), log_probs)  # −Σ p log p, no [c, V] product
+        logits = logits_at(r, c)  # [c, V] in the head's (or autocast's) dtype
+        with full_precision(logits.device):
+            log_probs = torch.log_softmax(logits.float(), dim=-1)  # [c, V] fp32
+            nll = -log_probs.gather(-1, targets[r, c].clamp(min=0)[:, None]).squeeze(-1)  # [c]; −100 masked below
+            token_nll[r, c] = nll * response_mask[r, c]
+            token_entropy[r, c] = -torch.linalg.vecdot(log_probs.exp(), log_probs)  # −Σ p log p, no [c, V] product
     return token_nll, token_entropy
+
+
+def _cross_entropy(lm_head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
+    """``[c]`` fp32 cross-entropy of ``targets`` under the logits of ``hidden`` ``[c, H]``."""
+    logits = lm_head(hidden)  # [c, V] in the head's (or autocast's) dtype
+    with full_precision(logits.device):
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def token_losses(
+    hidden_states: Tensor,
+    lm_head: Callable[[Tensor], Tensor],
+    vocab_size: int,
+    labels: Tensor,
+    attention_mask: Tensor,
+    counted: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``[B, T-1]`` fp32 cross-entropy at the response positions that count (``counted``, ``[B, T-1]`` bool; None:
+    every response position), 0 elsewhere, with autograd through ``hidden_states`` ``[B, T, H]`` and the head.
+
+    The head runs only at those positions, a chunk at a time; each chunk's logits are recomputed in the backward pass
+    (activation checkpointing), so at most one chunk of ``[c, V]`` logits exists at once, forward or backward, and a
+    dropped token or a prompt position costs no LM-head work. When nothing counts, one position goes through with
+    weight 0, so that every parameter still takes part in the backward pass (DDP's all-reduce).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets, response_mask, _ = shift_targets(labels, attention_mask)
+    positions = response_mask if counted is None else response_mask & counted  # [B, T-1]
+    rows, cols = positions.nonzero(as_tuple=True)  # [N], [N]
+    scale = 1.0
+    if rows.numel() == 0:
+        rows = cols = torch.zeros(1, dtype=torch.long, device=targets.device)
+        scale = 0.0
+    if chunk_size is None:
+        chunk_size = chunk_positions(vocab_size, targets.device)
+    hidden = hidden_states[rows, cols]  # [N, H]: one gather, one scatter in the backward pass
+    wanted = targets[rows, cols].clamp(min=0)  # [N]
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    chunks = [
+        checkpoint(_cross_entropy, lm_head, h, t, use_reentrant=False) if grad else _cross_entropy(lm_head, h, t)
+        for h, t in zip(hidden.split(chunk_size), wanted.split(chunk_size), strict=True)
+    ]  # split, not slices: its backward is one concatenation, not a zero-filled copy per chunk
+    values = torch.cat(chunks) * scale  # [N]
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    return zeros.index_put((rows, cols), values)  # [B, T-1]
 
 
 @dataclass
@@ -106,22 +160,25 @@ class BatchStats:
     def from_hidden_states(
         cls,
         hidden_states: Tensor,
-        lm_head: torch.nn.Module,
+        lm_head: Callable[[Tensor], Tensor],
+        vocab_size: int,
         labels: Tensor,
         attention_mask: Tensor,
         sample_idx: Tensor | None = None,
         chunk_size: int | None = None,
     ) -> BatchStats:
-        """Statistics from the final ``[B, T, H]`` hidden states; the LM head runs chunk by chunk (no full logits)."""
+        """Statistics from the final ``[B, T, H]`` hidden states; ``lm_head`` maps ``[c, H]`` to ``[c, V]`` logits and
+        runs chunk by chunk (no full logits), without autograd."""
         hidden_states = hidden_states.detach()
-        return cls._from_chunks(
-            lambda r, c: lm_head(hidden_states[r, c]),
-            lm_head.out_features,
-            labels,
-            attention_mask,
-            sample_idx,
-            chunk_size,
-        )
+        with torch.no_grad():
+            return cls._from_chunks(
+                lambda r, c: lm_head(hidden_states[r, c]),
+                vocab_size,
+                labels,
+                attention_mask,
+                sample_idx,
+                chunk_size,
+            )
 
     @classmethod
     def _from_chunks(

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from qtuning.errors import QTuningError
 from qtuning.pruning.base import PruneDecision, PruningPolicy, check_ratio, loss_positions
-from qtuning.pruning.stats import BatchStats
+from qtuning.pruning.passes import base_model, final_hidden_states, scoring_forward
+from qtuning.pruning.stats import BatchStats, full_precision
 
 
 def keep_top_global(scores: Tensor, candidates: Tensor, ratio: float) -> Tensor:
@@ -78,19 +79,20 @@ def last_layer_pass(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[T
     Only the last layer's ``[B, H, T, T]`` map is kept (a hook on its attention module), not one per layer as
     ``output_attentions=True`` would.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
-    decoder = base.get_decoder()
+    base = base_model(model)
     captured: list[Tensor] = []
-    hook = decoder.layers[-1].self_attn.register_forward_hook(lambda module, args, out: captured.append(out[1]))
+    attention = base.get_decoder().layers[-1].self_attn
+    hook = attention.register_forward_hook(lambda module, args, out: captured.append(out[1]))
     original = base.config._attn_implementation
     try:
         base.set_attn_implementation("eager")  # sdpa and flash attention return no weights
         with torch.no_grad():
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = final_hidden_states(model, batch)  # [B, T, H]
     finally:
         hook.remove()
         base.set_attn_implementation(original)
-    return attention_received(captured[-1], batch["attention_mask"]), hidden.float()
+    with full_precision(hidden.device):
+        return attention_received(captured[-1], batch["attention_mask"]), hidden.float()
 
 
 def token_decision(stats: BatchStats, token_keep: Tensor, **metrics: float) -> PruneDecision:
@@ -181,7 +183,8 @@ class SparseVLMTokenPolicy(FastVTokenPolicy):
 
     def token_scores(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         received, hidden = last_layer_pass(model, batch)
-        scores = sparsevlm_scores(received, hidden, batch["attention_mask"])  # [B, T]
+        with full_precision(hidden.device):  # autocast would run its einsum in bf16
+            scores = sparsevlm_scores(received, hidden, batch["attention_mask"])  # [B, T]
         return -scores if self.inverted else scores
 
 
@@ -256,8 +259,6 @@ class Rho1TokenPolicy(PruningPolicy):
 
     def select_batch(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> PruneDecision:
         if self.r_token < 1.0:
-            from qtuning.module import scoring_forward  # qtuning.module imports qtuning.pruning
-
             if self.reference is None:
                 raise ValueError("Rho1TokenPolicy: the reference model is loaded in setup(); none is loaded yet")
             stats.ref_nll = scoring_forward(self.reference, batch).token_nll

@@ -1,0 +1,74 @@
+"""Model passes over a batch: the final hidden states through the model's own forward, then the LM head in chunks.
+
+The model is always called through its own ``forward`` (peft's, Hugging Face's), so a sharding strategy (FSDP,
+DeepSpeed ZeRO-3) gathers the parameters as for any forward; the LM head, called as a module, runs on no position
+inside it. `lm_head` then gives the head back as a function of ``[c, H]`` hidden states, which `BatchStats` and
+`token_losses` call on chunks of the positions that count: no path holds ``[B, T, V]`` logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qtuning.pruning.stats import BatchStats
+
+Batch = dict[str, Tensor]
+
+
+def base_model(model: torch.nn.Module) -> Any:
+    """The Hugging Face model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def select_rows(batch: Batch, rows: Tensor) -> Batch:
+    """The given rows of a right-padded batch, trimmed to their own longest sequence."""
+    length = int(batch["attention_mask"][rows].sum(1).max())
+    return {key: value[rows] if key == "sample_idx" else value[rows, :length] for key, value in batch.items()}
+
+
+def final_hidden_states(model: torch.nn.Module, batch: Batch) -> Tensor:
+    """``[B, T, H]``: what the LM head would see, from the model's own forward (with autograd if it is enabled).
+
+    A pre-hook hands the head an empty slice of positions, so the forward computes no logits.
+    """
+    head = base_model(model).get_output_embeddings()
+    captured: list[Tensor] = []
+
+    def keep_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        captured.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_input)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def lm_head(model: torch.nn.Module) -> tuple[Callable[[Tensor], Tensor], int]:
+    """The model's output layer as a function of ``[c, H]`` hidden states, and the vocabulary size.
+
+    A final logit soft-cap (Gemma 2's ``final_logit_softcapping``) is applied as the model's own forward would.
+    """
+    base = base_model(model)
+    head = base.get_output_embeddings()
+    vocab_size = getattr(head, "out_features", None) or base.config.get_text_config().vocab_size
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if not softcap:
+        return head, vocab_size
+    return (lambda hidden: softcap * torch.tanh(head(hidden) / softcap)), vocab_size
+
+
+def scoring_forward(model: torch.nn.Module, batch: Batch) -> BatchStats:
+    """No-grad scoring pass: `final_hidden_states`, then fp32 NLL and entropy with the LM head chunk by chunk."""
+    with torch.no_grad():
+        hidden = final_hidden_states(model, batch)  # [B, T, H]
+    head, vocab_size = lm_head(model)
+    return BatchStats.from_hidden_states(
+        hidden, head, vocab_size, batch["labels"], batch["attention_mask"], batch.get("sample_idx")
+    )
