@@ -21,12 +21,11 @@ from typing import Any
 
 import hydra
 import torch
-import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.evaluation.data import TASKS, metric_key, prepare_tasks
-from qtuning.loggers import build_loggers
+from qtuning.loggers import build_loggers, finish_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.outputs import write_atomic
 
@@ -158,7 +157,7 @@ def main(cfg: DictConfig) -> None:
         metrics = evaluate(model, tokenizer, cfg.eval, cfg.paths.cache_dir, output_dir)
         log_to_loggers(loggers, metrics)
     finally:
-        wandb.finish()
+        finish_wandb(loggers)
     write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     log.info("results (%s):\n%s", output_dir / "metrics.json", report(metrics))
 

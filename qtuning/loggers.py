@@ -60,6 +60,15 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     return loggers
 
 
+def finish_wandb(loggers: list[Logger]) -> None:
+    """End the W&B run of these loggers, so that the next job of a multirun in this process gets its own; wandb is
+    imported only when one of them is a W&B logger."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def describe_wandb(loggers: list[Logger]) -> str | None:
     """Where the W&B run is and, for an offline run, the command that uploads it."""
     for logger in loggers:

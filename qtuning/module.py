@@ -23,18 +23,19 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from qtuning.errors import QTuningError
-from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_losses
-from qtuning.pruning.passes import Batch, final_hidden_states, lm_head, scoring_forward, select_rows
+from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_loss
+from qtuning.pruning.passes import Batch, final_hidden_states, output_head, scoring_forward, select_rows
 from qtuning.resume import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 
 class KeptForward(NamedTuple):
-    """One training forward: per-token cross-entropy and loss weights of the rows that went through it."""
+    """One training forward: the loss sum, per-token cross-entropy and loss weights of the rows that went through it."""
 
-    ce: Tensor  # [K, T'-1] fp32
-    weight: Tensor  # [K, T'-1] 1 where the position counts in the loss, 0 elsewhere
+    loss_sum: Tensor  # Σ ce·w·loss_scale, with autograd
+    ce: Tensor  # [K, T'-1] fp32, detached; 0 where it was not computed
+    weight: Tensor  # [K, T'-1] 1 where the position counts in the loss denominator, 0 elsewhere
     rows: Tensor  # [K] the batch rows they are
     stats: BatchStats
     decision: PruneDecision
@@ -89,43 +90,47 @@ class SFTModule(LightningModule):
         mask. Either way the loss comes from the LM head at the kept response positions only, in chunks.
         """
         labels, mask = batch["labels"], batch["attention_mask"]
-        head, vocab_size = lm_head(self.model)
+        head = output_head(self.model)
         if self.policy.needs_scores and self.policy.scoring == "shared":
             hidden = final_hidden_states(self.model, batch)  # [B, T, H]
-            stats = BatchStats.from_hidden_states(hidden, head, vocab_size, labels, mask, batch["sample_idx"])
+            stats = BatchStats.from_hidden_states(hidden, head, head.vocab_size, labels, mask, batch["sample_idx"])
             decision = self.policy.select_batch(self.model, batch, stats)
-            ce = token_losses(hidden, head, vocab_size, labels, mask, counted=decision.token_keep)  # [B, T-1]
-            rows = torch.arange(stats.batch_size, device=ce.device)
-            return KeptForward(ce, decision.token_keep.float(), rows, stats, decision, batch["input_ids"].numel())
+            rows = torch.arange(stats.batch_size, device=hidden.device)
+            weight = decision.token_keep.float()  # [B, T-1]
+            loss_sum, ce = token_loss(hidden, head, labels, mask, self.loss_weight(weight, decision, rows))
+            return KeptForward(loss_sum, ce, weight, rows, stats, decision, batch["input_ids"].numel())
         if self.policy.needs_scores:
             stats = scoring_forward(self.model, batch)
         else:
             stats = BatchStats.from_masks(labels, mask, batch["sample_idx"])
         decision = self.policy.select_batch(self.model, batch, stats)
-        kept_rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
-        if kept_rows.numel() == 0:
+        rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
+        if rows.numel() == 0:
             # Nothing kept here (a global decision may leave a device nothing): one row goes through with weight 0,
             # so the step contributes 0 and every device still joins the gradient all-reduce.
-            kept_rows = torch.zeros(1, dtype=torch.long, device=kept_rows.device)
-        kept = select_rows(batch, kept_rows)
+            rows = torch.zeros(1, dtype=torch.long, device=rows.device)
+        kept = select_rows(batch, rows)
         hidden = final_hidden_states(self.model, kept)  # [K, T', H]
-        weight = decision.token_keep[kept_rows, : hidden.shape[1] - 1]  # [K, T'-1]
-        ce = token_losses(hidden, head, vocab_size, kept["labels"], kept["attention_mask"], counted=weight)
+        weight = decision.token_keep[rows, : hidden.shape[1] - 1].float()  # [K, T'-1]
+        loss_sum, ce = token_loss(
+            hidden, head, kept["labels"], kept["attention_mask"], self.loss_weight(weight, decision, rows)
+        )
         scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
-        return KeptForward(ce, weight.float(), kept_rows, stats, decision, scored + kept["input_ids"].numel())
+        return KeptForward(loss_sum, ce, weight, rows, stats, decision, scored + kept["input_ids"].numel())
+
+    @staticmethod
+    def loss_weight(weight: Tensor, decision: PruneDecision, rows: Tensor) -> Tensor:
+        """``[K, T'-1]``: the weight of each position in the loss sum; a per-sample scale (InfoBatch's 1/r) rescales
+        the loss, not the token count of the denominator."""
+        return weight if decision.loss_scale is None else weight * decision.loss_scale[rows, None]
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
+        loss_sum, ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
         # each row's mean loss over the positions that count: what dataset-level pruners (InfoBatch) score samples by
-        row_loss = (ce * weight).sum(1).detach() / weight.sum(1).clamp(min=1)  # [K]
+        row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
         self.last_row_losses = (batch["sample_idx"][rows], row_loss)
-        if decision.loss_scale is not None:
-            weight_ce = weight * decision.loss_scale[rows, None]  # [K, T'-1]: rescales the loss, not the count
-        else:
-            weight_ce = weight
-        loss_sum = (ce * weight_ce).sum()
         if not torch.isfinite(loss_sum):
             return self.skip_nonfinite(batch_idx)
         self.bad_steps_in_a_row = 0
@@ -191,12 +196,11 @@ class SFTModule(LightningModule):
     # ---- validation: never pruned -----------------------------------------------------------------------------
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        head, vocab_size = lm_head(self.model)
         hidden = final_hidden_states(self.model, batch)  # [B, T, H]
-        ce = token_losses(hidden, head, vocab_size, batch["labels"], batch["attention_mask"])  # [B, T-1]
+        loss_sum, _ = token_loss(hidden, output_head(self.model), batch["labels"], batch["attention_mask"])
         n_tokens = shift_targets(batch["labels"], batch["attention_mask"])[1].sum()
         if n_tokens > 0:
-            self.val_loss.update(ce.sum() / n_tokens, weight=n_tokens)
+            self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()

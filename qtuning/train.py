@@ -14,7 +14,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from qtuning.checkpoints import check_checkpoint
@@ -22,7 +21,7 @@ from qtuning.config import check_config, instantiate_key
 from qtuning.errors import exit_on_bad_input, run_cli
 from qtuning.eval import call_groups, evaluate, log_to_loggers
 from qtuning.evaluation.data import prepare_tasks
-from qtuning.loggers import build_loggers, describe_wandb
+from qtuning.loggers import build_loggers, describe_wandb, finish_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule
 from qtuning.outputs import save_hf_model, write_atomic
@@ -83,7 +82,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             metrics.update(task_metrics)
         wandb_note = describe_wandb(loggers)
     finally:
-        wandb.finish()  # one W&B run per job, also when a multirun runs its jobs in one process
+        finish_wandb(loggers)  # one W&B run per job, also when a multirun runs its jobs in one process
     metrics["runtime_s"] = time.time() - started
 
     if trainer.is_global_zero:

@@ -10,14 +10,16 @@ of ``--batch`` rows of random tokens, at r_sample 0.25 and r_token 0.5, for full
 - ``separate``: Q-Tuning's default, a no-grad scoring pass, then forward + backward on the kept rows;
 - ``ideal``: a bare no-grad backbone forward over all rows plus a plain step over the kept rows: the floor for
   ``separate``;
+- ``scoring``: the no-grad scoring pass alone (NLL and entropy at every non-pad position);
 - ``validation``: one no-grad validation pass over the batch.
-The first four are what `SFTModule` runs: the LM head only at the positions that count, in chunks. Beside them, with
+These are what `SFTModule` runs: the LM head only at the positions that count, in chunks. Beside them, with
 ``@logits``, the same modes through the full ``[B, T, V]`` logits, as the code computed them before the chunked loss.
 
 Step time: the median over ``--steps`` rounds after ``--warmup`` rounds; modes interleaved in random order, each timed
 step right after an untimed one of the same mode (steady state, not the cost of regrowing another mode's memory).
-Peak memory: each mode in a fresh process, one step (the optimizer's state included) above the memory once the model,
-the batch and the optimizer are loaded; on CPU the kernel's peak resident set, on CUDA ``max_memory_allocated``.
+Peak memory: one step of each mode (the optimizer's state created in it) above the memory once the model, the batch
+and the optimizer are loaded: on CPU the kernel's peak resident set, each mode in a fresh process; on CUDA
+``max_memory_allocated``, in this process with a fresh optimizer per mode.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from qtuning.models import build_model, build_tokenizer  # noqa: E402
 from qtuning.module import SFTModule  # noqa: E402
-from qtuning.pruning import BatchStats, NoPruning, QTuningPolicy, shift_targets, token_losses  # noqa: E402
-from qtuning.pruning.passes import final_hidden_states, lm_head, scoring_forward, select_rows  # noqa: E402
+from qtuning.pruning import BatchStats, NoPruning, QTuningPolicy, shift_targets, token_loss  # noqa: E402
+from qtuning.pruning.passes import final_hidden_states, output_head, scoring_forward, select_rows  # noqa: E402
 
 R_SAMPLE, R_TOKEN = 0.25, 0.5
-MODES = ("full", "shared", "separate", "ideal", "validation")
-BEFORE = ("full", "shared", "separate", "validation")  # the modes that also run through the full logits
+MODES = ("full", "shared", "separate", "ideal", "scoring", "validation")
+BEFORE = ("full", "shared", "separate", "scoring", "validation")  # the modes that also run through the full logits
 ALL_MODES = [*MODES, *(f"{mode}@logits" for mode in BEFORE)]
 Batch = dict[str, torch.Tensor]
 
@@ -89,14 +91,18 @@ def logits_cross_entropy(model: torch.nn.Module, batch: Batch) -> tuple[torch.Te
 class Bench:
     """One model and batch, with a step function for every mode."""
 
-    def __init__(self, name: str, lora: bool, batch_size: int, length: int, device: torch.device, precision: str):
-        cfg, cache = model_config(name, lora, ["model.dtype=fp32"] if precision != "32-true" else [])
+    def __init__(self, args: argparse.Namespace, name: str, lora: bool, length: int, device: torch.device):
+        mixed = ["model.dtype=fp32"] if args.precision != "32-true" else []  # mixed precision keeps fp32 weights
+        overrides = [*args.override, *mixed]
+        cfg, cache = model_config(name, lora, overrides)
         tokenizer = build_tokenizer(cfg, cache)
-        self.model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
+        with device:  # a random-init model is initialised where it runs
+            self.model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
+        batch_size, precision = args.batch, args.precision
         self.batch = make_batch(len(tokenizer), batch_size, length, device)
         self.device = device
         self.dtype = torch.bfloat16 if precision == "bf16-mixed" else None
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
+        self.optimizer = self.new_optimizer()
         self.policy = QTuningPolicy(R_SAMPLE, R_TOKEN)
         self.shared_policy = QTuningPolicy(R_SAMPLE, R_TOKEN, scoring="shared")
         self.modules = {
@@ -106,6 +112,9 @@ class Bench:
         }
         with self.autocast():
             self.kept_rows = self.policy.select(scoring_forward(self.model, self.batch)).sample_keep.nonzero()[:, 0]
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -121,34 +130,35 @@ class Bench:
         """One optimizer step (or validation pass) of ``mode``."""
         if mode.endswith("@logits"):
             return self.logits_step(mode.removesuffix("@logits"))
-        if mode == "validation":
-            return self.validation_pass()
+        if mode in ("scoring", "validation"):
+            with torch.no_grad(), self.autocast():
+                if mode == "scoring":
+                    scoring_forward(self.model, self.batch)
+                    return None
+                hidden = final_hidden_states(self.model, self.batch)
+                token_loss(hidden, output_head(self.model), self.batch["labels"], self.batch["attention_mask"])
+                return None
         with self.autocast():
             if mode == "ideal":
                 with torch.no_grad():
                     final_hidden_states(self.model, self.batch)
                 kept = select_rows(self.batch, self.kept_rows)
-                head, vocab = lm_head(self.model)
-                ce = token_losses(final_hidden_states(self.model, kept), head, vocab, kept["labels"],
-                                  kept["attention_mask"])  # fmt: skip
+                hidden = final_hidden_states(self.model, kept)
+                loss_sum, _ = token_loss(hidden, output_head(self.model), kept["labels"], kept["attention_mask"])
                 weight = shift_targets(kept["labels"], kept["attention_mask"])[1].float()
             else:
-                ce, weight, *_ = self.modules[mode].forward_kept(self.batch)
-            loss = (ce * weight).sum() / weight.sum().clamp(min=1)
+                loss_sum, _, weight, *_ = self.modules[mode].forward_kept(self.batch)
+            loss = loss_sum / weight.sum().clamp(min=1)
         self.backward_and_step(loss)
-
-    def validation_pass(self) -> None:
-        with torch.no_grad(), self.autocast():
-            head, vocab = lm_head(self.model)
-            hidden = final_hidden_states(self.model, self.batch)
-            token_losses(hidden, head, vocab, self.batch["labels"], self.batch["attention_mask"]).sum()
 
     def logits_step(self, mode: str) -> None:
         """``mode`` through the full logits, as before the chunked loss."""
         batch = self.batch
-        if mode == "validation":
+        if mode in ("scoring", "validation"):
             with torch.no_grad(), self.autocast():
-                logits_cross_entropy(self.model, batch)[1].sum()
+                logits, ce = logits_cross_entropy(self.model, batch)
+                if mode == "scoring":
+                    BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"])
             return
         with self.autocast():
             if mode == "full":
@@ -211,7 +221,7 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
     memory kept by the allocator from earlier work cannot hide (or fake) a peak.
     """
     command = [sys.executable, __file__, "--probe", mode, "--model", f"{name}:{length}", "--batch", str(args.batch)]
-    command += ["--precision", args.precision] + (["--lora"] if lora else [])
+    command += ["--precision", args.precision, "--override", *args.override] + (["--lora"] if lora else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1])
@@ -219,7 +229,7 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
 
 def probe(args: argparse.Namespace, device: torch.device) -> int:
     name, length = parse_model(args.model[0])
-    bench = Bench(name, args.lora, args.batch, length, device, args.precision)
+    bench = Bench(args, name, args.lora, length, device)
     return peak_extra_memory(lambda: bench.step(args.probe), device)
 
 
@@ -241,11 +251,18 @@ def step_times(bench: Bench, modes: list[str], args: argparse.Namespace, device:
 
 def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device: torch.device) -> dict:
     modes = ALL_MODES if args.before else list(MODES)
-    bench = Bench(name, lora, args.batch, length, device, args.precision)
+    bench = Bench(args, name, lora, length, device)
     tokens = int(bench.batch["attention_mask"].sum())
     medians = step_times(bench, modes, args, device)
-    bench = None  # the memory probes run in fresh processes: free this one's model first
-    memory = {mode: memory_probe(args, name, lora, length, mode) for mode in modes}
+    if device.type == "cuda":  # the allocator's own peak: this process, a fresh optimizer state per mode
+        memory = {}
+        for mode in modes:
+            bench.optimizer = bench.new_optimizer()
+            torch.cuda.empty_cache()
+            memory[mode] = peak_extra_memory(lambda m=mode: bench.step(m), device)
+    else:
+        bench = None  # the memory probes run in fresh processes: free this one's model first
+        memory = {mode: memory_probe(args, name, lora, length, mode) for mode in modes}
     return {"medians": medians, "memory": memory, "tokens": tokens}
 
 
@@ -300,6 +317,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--no-before", dest="before", action="store_false", help="skip the full-logits modes")
+    parser.add_argument("--override", nargs="*", default=[], help="model overrides, e.g. model.tokenizer=DIR")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--write", type=Path, default=None, help="also write the Markdown table here")
     parser.add_argument("--probe", choices=ALL_MODES, help=argparse.SUPPRESS)  # internal: memory_probe

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 from qtuning import IGNORE_INDEX
-from qtuning.pruning import BatchStats, shift_targets, token_losses
+from qtuning.pruning import BatchStats, OutputHead, shift_targets, token_loss
 
 
 def naive_stats(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
@@ -108,52 +109,84 @@ def test_sample_aggregates_by_hand():
     assert stats.sample_entropy("response").item() == pytest.approx(1.5)
 
 
+def reference_loss(hidden, head, labels, attention_mask, weight):
+    """Σ ce·w from the full logits, the plain way."""
+    logits = head(hidden)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(weight.shape)  # fmt: skip
+    return (ce * weight).sum(), ce
+
+
+FUSED = [True, False]
+
+
+@pytest.mark.parametrize("fused", FUSED, ids=["fused", "checkpointed"])
 @pytest.mark.parametrize("chunk", [1, 3, None])
-def test_token_losses_match_torch_and_the_statistics(batch, chunk):
+def test_token_loss_matches_torch_and_the_statistics(batch, chunk, fused):
     _, labels, attention_mask = batch
     torch.manual_seed(1)
     hidden = torch.randn(3, 7, 5)
-    head = torch.nn.Linear(5, 11, bias=False)
-    ce = token_losses(hidden, head, 11, labels, attention_mask, chunk_size=chunk)
+    head = OutputHead(torch.nn.Linear(5, 11, bias=False), 11)
     _, response, _ = shift_targets(labels, attention_mask)
-    logits = head(hidden)
-    expected = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(3, 6)
+    loss_sum, ce = token_loss(hidden, head, labels, attention_mask, chunk_size=chunk, fused=fused)
+    expected_sum, expected = reference_loss(hidden, head, labels, attention_mask, response.float())
     torch.testing.assert_close(ce, expected * response)
-    stats = BatchStats.from_logits(logits, labels, attention_mask)
+    torch.testing.assert_close(loss_sum, expected_sum)
+    stats = BatchStats.from_logits(head(hidden), labels, attention_mask)
     torch.testing.assert_close(ce, stats.token_nll)
 
 
-def test_token_losses_only_where_counted_and_with_the_reference_gradient(batch):
+@pytest.mark.parametrize("fused", FUSED, ids=["fused", "checkpointed"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_token_loss_runs_the_head_where_weighted_with_the_reference_gradient(batch, fused, autocast):
     _, labels, attention_mask = batch
     torch.manual_seed(2)
     hidden = torch.randn(3, 7, 5, requires_grad=True)
-    head = torch.nn.Linear(5, 11, bias=True)
-    counted = torch.rand(3, 6) < 0.5
-    calls = []
-    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    ce = token_losses(hidden, head, 11, labels, attention_mask, counted=counted, chunk_size=2)
+    module = torch.nn.Linear(5, 11, bias=True)
+    head = OutputHead(module, 11)
+    weight = (torch.rand(3, 6) < 0.6) * torch.rand(3, 6) * 3  # some positions 0, the others weighted
     _, response, _ = shift_targets(labels, attention_mask)
-    assert sum(calls) == int((counted & response).sum())  # the head ran at the counted response positions only
-    ce.sum().backward()
-    grads = (hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
-    hidden.grad = head.weight.grad = head.bias.grad = None
-    logits = head(hidden)
-    expected = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 11), labels[:, 1:].clamp(min=0).reshape(-1), reduction="none"
-    ).view(3, 6)
-    (expected * (counted & response)).sum().backward()
-    for got, want in zip(grads, (hidden.grad, head.weight.grad, head.bias.grad), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    calls = []
+    hook = module.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        loss_sum, ce = token_loss(hidden, head, labels, attention_mask, weight=weight, chunk_size=2, fused=fused)
+    assert loss_sum.dtype == ce.dtype == torch.float32 and not ce.requires_grad
+    loss_sum.backward()
+    hook.remove()
+    # the head ran only at the weighted response positions: fused once, checkpointed twice (forward and recompute)
+    assert sum(calls) == (0 if fused else 2 * int(((weight != 0) & response).sum()))
+    grads = (hidden.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone())
+    hidden.grad = module.weight.grad = module.bias.grad = None
+    with context:
+        expected_sum, _ = reference_loss(hidden, head, labels.clamp(min=0), attention_mask, weight * response)
+    expected_sum.backward()
+    tolerance = {"rtol": 0.02, "atol": 0.02} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(loss_sum, expected_sum.float(), **tolerance)
+    for got, want in zip(grads, (hidden.grad, module.weight.grad, module.bias.grad), strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
-def test_token_losses_with_nothing_counted_keep_every_parameter_in_the_graph(batch):
+@pytest.mark.parametrize("fused", FUSED, ids=["fused", "checkpointed"])
+def test_token_loss_with_nothing_weighted_keeps_every_parameter_in_the_graph(batch, fused):
     _, labels, attention_mask = batch
     hidden = torch.randn(3, 7, 5, requires_grad=True)
-    head = torch.nn.Linear(5, 11)
-    ce = token_losses(hidden, head, 11, labels, attention_mask, counted=torch.zeros(3, 6, dtype=torch.bool))
-    assert ce.abs().sum() == 0
-    ce.sum().backward()
-    assert head.weight.grad is not None and head.weight.grad.abs().sum() == 0
+    module = torch.nn.Linear(5, 11)
+    loss_sum, ce = token_loss(hidden, OutputHead(module, 11), labels, attention_mask, torch.zeros(3, 6), fused=fused)
+    assert loss_sum == 0 and ce.abs().sum() == 0
+    loss_sum.backward()
+    assert module.weight.grad is not None and module.weight.grad.abs().sum() == 0
     assert hidden.grad is not None and hidden.grad.abs().sum() == 0
+
+
+def test_token_loss_applies_a_final_logit_softcap(batch):
+    _, labels, attention_mask = batch
+    hidden = torch.randn(3, 7, 5) * 10
+    module = torch.nn.Linear(5, 11)
+    head = OutputHead(module, 11, softcap=2.0)
+    assert head.plain_linear() is None  # soft-capped: never the fused way
+    _, ce = token_loss(hidden, head, labels, attention_mask)
+    capped = 2.0 * torch.tanh(module(hidden) / 2.0)
+    torch.testing.assert_close(ce, BatchStats.from_logits(capped, labels, attention_mask).token_nll)

@@ -2,10 +2,11 @@
 
 from qtuning.pruning.base import NoPruning, PruneDecision, PruningPolicy, loss_positions
 from qtuning.pruning.combo import ComboPolicy
+from qtuning.pruning.loss import OutputHead, token_loss
 from qtuning.pruning.qtuning import QTuningPolicy
 from qtuning.pruning.random_sample import RandomSamplePolicy, keep_count
 from qtuning.pruning.sample_level import AllSamples, InfoBatch, RandomSubset, SamplePruner, StaticScorePruner
-from qtuning.pruning.stats import BatchStats, shift_targets, token_losses
+from qtuning.pruning.stats import BatchStats, shift_targets
 from qtuning.pruning.token_level import (
     FastVTokenPolicy,
     PPLTokenPolicy,
@@ -21,6 +22,7 @@ __all__ = [
     "FastVTokenPolicy",
     "InfoBatch",
     "NoPruning",
+    "OutputHead",
     "PPLTokenPolicy",
     "PruneDecision",
     "PruningPolicy",
@@ -35,5 +37,5 @@ __all__ = [
     "keep_count",
     "loss_positions",
     "shift_targets",
-    "token_losses",
+    "token_loss",
 ]

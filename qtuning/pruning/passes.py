@@ -2,18 +2,18 @@
 
 The model is always called through its own ``forward`` (peft's, Hugging Face's), so a sharding strategy (FSDP,
 DeepSpeed ZeRO-3) gathers the parameters as for any forward; the LM head, called as a module, runs on no position
-inside it. `lm_head` then gives the head back as a function of ``[c, H]`` hidden states, which `BatchStats` and
-`token_losses` call on chunks of the positions that count: no path holds ``[B, T, V]`` logits.
+inside it. `output_head` then gives the head back as a function of ``[c, H]`` hidden states, which `BatchStats` and
+`token_loss` call on chunks of the positions that count: no path holds ``[B, T, V]`` logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from qtuning.pruning.loss import OutputHead
 from qtuning.pruning.stats import BatchStats
 
 Batch = dict[str, Tensor]
@@ -50,25 +50,20 @@ def final_hidden_states(model: torch.nn.Module, batch: Batch) -> Tensor:
     return captured[-1]
 
 
-def lm_head(model: torch.nn.Module) -> tuple[Callable[[Tensor], Tensor], int]:
-    """The model's output layer as a function of ``[c, H]`` hidden states, and the vocabulary size.
-
-    A final logit soft-cap (Gemma 2's ``final_logit_softcapping``) is applied as the model's own forward would.
-    """
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """The model's output layer, its vocabulary size and final logit soft-cap (Gemma 2's), as an `OutputHead`."""
     base = base_model(model)
-    head = base.get_output_embeddings()
-    vocab_size = getattr(head, "out_features", None) or base.config.get_text_config().vocab_size
-    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-    if not softcap:
-        return head, vocab_size
-    return (lambda hidden: softcap * torch.tanh(head(hidden) / softcap)), vocab_size
+    module = base.get_output_embeddings()
+    text_config = base.config.get_text_config()
+    vocab_size = getattr(module, "out_features", None) or text_config.vocab_size
+    return OutputHead(module, vocab_size, getattr(text_config, "final_logit_softcapping", None))
 
 
 def scoring_forward(model: torch.nn.Module, batch: Batch) -> BatchStats:
     """No-grad scoring pass: `final_hidden_states`, then fp32 NLL and entropy with the LM head chunk by chunk."""
     with torch.no_grad():
         hidden = final_hidden_states(model, batch)  # [B, T, H]
-    head, vocab_size = lm_head(model)
+    head = output_head(model)
     return BatchStats.from_hidden_states(
-        hidden, head, vocab_size, batch["labels"], batch["attention_mask"], batch.get("sample_idx")
+        hidden, head, head.vocab_size, batch["labels"], batch["attention_mask"], batch.get("sample_idx")
     )

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning import IGNORE_INDEX
@@ -71,53 +70,6 @@ def _chunked_nll_entropy(
             token_nll[r, c] = nll * response_mask[r, c]
             token_entropy[r, c] = -torch.linalg.vecdot(log_probs.exp(), log_probs)  # −Σ p log p, no [c, V] product
     return token_nll, token_entropy
-
-
-def _cross_entropy(lm_head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
-    """``[c]`` fp32 cross-entropy of ``targets`` under the logits of ``hidden`` ``[c, H]``."""
-    logits = lm_head(hidden)  # [c, V] in the head's (or autocast's) dtype
-    with full_precision(logits.device):
-        return F.cross_entropy(logits.float(), targets, reduction="none")
-
-
-def token_losses(
-    hidden_states: Tensor,
-    lm_head: Callable[[Tensor], Tensor],
-    vocab_size: int,
-    labels: Tensor,
-    attention_mask: Tensor,
-    counted: Tensor | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """``[B, T-1]`` fp32 cross-entropy at the response positions that count (``counted``, ``[B, T-1]`` bool; None:
-    every response position), 0 elsewhere, with autograd through ``hidden_states`` ``[B, T, H]`` and the head.
-
-    The head runs only at those positions, a chunk at a time; each chunk's logits are recomputed in the backward pass
-    (activation checkpointing), so at most one chunk of ``[c, V]`` logits exists at once, forward or backward, and a
-    dropped token or a prompt position costs no LM-head work. When nothing counts, one position goes through with
-    weight 0, so that every parameter still takes part in the backward pass (DDP's all-reduce).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    targets, response_mask, _ = shift_targets(labels, attention_mask)
-    positions = response_mask if counted is None else response_mask & counted  # [B, T-1]
-    rows, cols = positions.nonzero(as_tuple=True)  # [N], [N]
-    scale = 1.0
-    if rows.numel() == 0:
-        rows = cols = torch.zeros(1, dtype=torch.long, device=targets.device)
-        scale = 0.0
-    if chunk_size is None:
-        chunk_size = chunk_positions(vocab_size, targets.device)
-    hidden = hidden_states[rows, cols]  # [N, H]: one gather, one scatter in the backward pass
-    wanted = targets[rows, cols].clamp(min=0)  # [N]
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    chunks = [
-        checkpoint(_cross_entropy, lm_head, h, t, use_reentrant=False) if grad else _cross_entropy(lm_head, h, t)
-        for h, t in zip(hidden.split(chunk_size), wanted.split(chunk_size), strict=True)
-    ]  # split, not slices: its backward is one concatenation, not a zero-filled copy per chunk
-    values = torch.cat(chunks) * scale  # [N]
-    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    return zeros.index_put((rows, cols), values)  # [B, T-1]
 
 
 @dataclass
