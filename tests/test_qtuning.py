@@ -1,4 +1,4 @@
-"""Q-Tuning's rules (SPEC §3–5), each pinned on hand-built inputs with hand-computed expectations."""
+"""Q-Tuning's rules (docs/method.md §3–5), each pinned on hand-built inputs with hand-computed expectations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The in-batch token pruners (SPEC §7): keep rules and scores pinned on hand-built inputs, the model passes on a tiny
+"""The in-batch token pruners (docs/method.md §7): keep rules and scores pinned on hand-built inputs, the model passes on a tiny
 random-init Llama."""
 
 from __future__ import annotations

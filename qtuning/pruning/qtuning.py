@@ -1,6 +1,6 @@
 """Q-Tuning (arXiv 2509.23873): Error–Uncertainty triage of samples, then asymmetric token pruning.
 
-Every rule here follows SPEC §2–5, which follows the authors' code; each step is a small pure function over tensors:
+Each rule is one of docs/method.md §2–5 (the authors' code); each is a small pure function over tensors:
 1. `sample_scores`: PPL (error) and mean entropy (uncertainty) of each sample.
 2. `bisect_bands`: the band width q whose outer bands (Q2: top-q PPL ∩ bottom-q entropy; Q4: bottom-q PPL ∩
    top-q entropy) hold about r_sample of the batch.
@@ -165,7 +165,7 @@ def triage(
     fill_up_rule: str = "minmax",
     ppl_guard: float = 0.0,
 ) -> Triage:
-    """Stage 1 (SPEC §3): bands by bisection, then the fill-up to K.
+    """Stage 1 (docs/method.md §3): bands by bisection, then the fill-up to K.
 
     With ``ppl_guard`` > 0 the highest-perplexity samples are set aside first (`guarded_rows`) and the bands and the
     fill-up run on the rest with the same K: the bands' target becomes r_sample · B / |rest|.
@@ -184,7 +184,7 @@ def triage(
 
 
 class QTuningPolicy(PruningPolicy):
-    """Q-Tuning with the authors' choices as defaults (SPEC §2–5).
+    """Q-Tuning with the authors' choices as defaults (docs/method.md §2–5).
 
     Args:
         sample_keep_ratio: r_sample, the target fraction of samples kept.
@@ -244,7 +244,7 @@ class QTuningPolicy(PruningPolicy):
         self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
-        """Stage 2 (SPEC §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the loss."""
+        """Stage 2 (docs/method.md §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the loss."""
         candidates = stats.response_mask & (result.kept & result.q2like)[:, None]  # [B, T-1]
         if self.r_token >= 1.0:
             return torch.zeros_like(candidates)

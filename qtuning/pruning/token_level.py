@@ -1,4 +1,4 @@
-"""In-batch token pruners, the token baselines of SPEC §7: Random, PPL, FastV, SparseVLM and Rho-1.
+"""In-batch token pruners, the token baselines of docs/method.md §7: Random, PPL, FastV, SparseVLM and Rho-1.
 
 Every row is kept (sample pruning is a separate, dataset-level pruner); each policy keeps a fraction r_token of the
 candidate positions, `loss_positions(stats, loss_norm)`. The authors' baseline path counts every non-pad position,

