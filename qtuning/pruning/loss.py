@@ -81,19 +81,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 chunk = slice(start, start + chunk_size)
                 h, t = hidden[chunk].to(dtype), targets[chunk]  # [c, H], [c]
-                logits = F.linear(h, w, b).float()  # [c, V]
-                lse = torch.logsumexp(logits, dim=-1)  # [c]
-                ce[chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
-                # d(Σ w·ce)/d logits = w · (softmax − one-hot), made in place of the logits
-                grad = logits.sub_(lse[:, None]).exp_()
+                weights = position_weight[chunk, None].to(dtype)  # [c, 1]
+                log_probs = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)  # [c, V]
+                ce[chunk] = -log_probs.gather(1, t[:, None]).squeeze(1)
+                # d ce / d logits = softmax − one-hot, made in place of the log-probabilities; the position weights
+                # scale the [c, H] and [c] sides of the matmuls below instead of the [c, V] gradient
+                grad = log_probs.exp_()
                 grad[torch.arange(t.numel(), device=device), t] -= 1
-                grad = grad.mul_(position_weight[chunk, None]).to(dtype)  # [c, V]
+                grad = grad.to(dtype)  # [c, V]
                 if grad_hidden is not None:
-                    grad_hidden[chunk] = grad @ w
-                if grad_weight is not None:
-                    grad_weight += (grad.t() @ h).float()
+                    grad_hidden[chunk] = (grad @ w) * weights
+                if grad_weight is not None and dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h * weights)  # in place: no [V, H] temporary per chunk
+                elif grad_weight is not None:
+                    grad_weight += (grad.t() @ (h * weights)).float()
                 if grad_bias is not None:
-                    grad_bias += grad.sum(0, dtype=torch.float32)
+                    grad_bias += (grad.t() @ weights).squeeze(1).float()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(ce)
