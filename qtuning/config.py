@@ -1,9 +1,10 @@
-"""Config checks that need no model or data, instantiation that reports errors against the config key, and the
-resolver that names sweep directories."""
+"""Where the Hydra configs are, checks that need no model or data, instantiation that reports errors against the
+config key, and the resolver that names sweep directories (registered on import: every entry point imports this)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -13,6 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from qtuning.errors import QTuningError
 
 MAX_DIRNAME = 120
+
+
+def config_dir() -> str:
+    """The Hydra config directory: the checkout's ``conf/`` beside the package (a clone, an editable install), else
+    the copy a wheel installs inside the package (``qtuning/conf``)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    return str(checkout if (checkout / "train.yaml").is_file() else package / "conf")
 
 
 def short_dirname(name: str) -> str:

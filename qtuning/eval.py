@@ -23,6 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qtuning.config import config_dir
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.evaluation.data import TASKS, metric_key, prepare_tasks
 from qtuning.loggers import build_loggers, finish_wandb
@@ -145,7 +146,7 @@ def log_to_loggers(loggers: list[Any], metrics: dict[str, float], step: int = 0)
             logger.experiment.summary.update(metrics)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 @exit_on_bad_input
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

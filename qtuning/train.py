@@ -17,7 +17,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from qtuning.checkpoints import check_checkpoint
-from qtuning.config import check_config, instantiate_key
+from qtuning.config import check_config, config_dir, instantiate_key
 from qtuning.errors import exit_on_bad_input, run_cli
 from qtuning.eval import call_groups, evaluate, log_to_loggers
 from qtuning.evaluation.data import prepare_tasks
@@ -122,7 +122,7 @@ def fit_and_validate(
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @exit_on_bad_input
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
