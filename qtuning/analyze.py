@@ -121,5 +121,10 @@ def main(cfg: DictConfig) -> None:
     print(f"outputs: {summary['output_dir']} (eu_plane.png, samples.csv, pruned.jsonl)")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``qtuning-analyze`` command (``python -m qtuning.analyze``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -163,5 +163,10 @@ def main(cfg: DictConfig) -> None:
     log.info("results (%s):\n%s", output_dir / "metrics.json", report(metrics))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``qtuning-eval`` command (``python -m qtuning.eval``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -141,5 +141,10 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric") or "val/loss")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``qtuning-train`` command (``python -m qtuning.train``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

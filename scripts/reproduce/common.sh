@@ -35,6 +35,6 @@ run_grid() {
     "$PYTHON" -m qtuning.train -m sweep="$sweep" experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
         data="$data" data.path="$data_path" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
     # shellcheck disable=SC2086  # the metrics are words
-    "$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" --plot --metrics $metrics
+    "$PYTHON" -m qtuning.summarize "$OUT" --out "$OUT/summary" --plot --metrics $metrics
     return "$status"
 }

@@ -1,9 +1,9 @@
-"""scripts/summarize_sweep.py on hand-made job directories, and on a real two-job multirun of the tiny model."""
+"""`qtuning.summarize`, the sweep summary: on hand-made job directories, and on a real two-job multirun of the tiny
+model."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import runpy
@@ -14,11 +14,8 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.conftest import ROOT, TINY_OVERRIDES
-
-spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts" / "summarize_sweep.py")
-summarize = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(summarize)
+from qtuning import summarize
+from tests.conftest import TINY_OVERRIDES
 
 BUDGETS = {"s25_t50": (0.25, 0.5), "s12_t70": (0.125, 0.7), "full": (1.0, 1.0)}
 
@@ -191,7 +188,7 @@ def test_real_multirun_summarized(tmp_path, monkeypatch, capsys):
     handlers, level = root.handlers[:], root.level
     GlobalHydra.instance().clear()
     try:
-        runpy.run_module("qtuning.train", run_name="__main__")  # as `python -m`: Hydra finds conf/ from the file
+        runpy.run_module("qtuning.train", run_name="__main__")  # as `python -m qtuning.train`
     finally:  # Hydra configured logging for its jobs: give the root logger back to pytest
         GlobalHydra.instance().clear()
         for handler in set(root.handlers) - set(handlers):

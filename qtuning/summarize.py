@@ -1,7 +1,7 @@
 """Summarise a Hydra multirun: one CSV row per job, and a Markdown table in the layout of the paper's Table 1.
 
-    python scripts/summarize_sweep.py logs/train/multiruns/2025-01-01_12-00-00
-    python scripts/summarize_sweep.py SWEEP_DIR --metrics val/loss val/ppl arc_easy/acc --out results/table1
+    qtuning-summarize logs/train/multiruns/2025-01-01_12-00-00            # or: python -m qtuning.summarize ...
+    qtuning-summarize SWEEP_DIR --metrics val/loss val/ppl arc_easy/acc --out results/table1
 
 Writes PREFIX.csv and PREFIX.md (PREFIX defaults to SWEEP_DIR/summary) and prints the Markdown.
 
@@ -29,10 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qtuning.errors import QTuningError, exit_on_bad_input  # noqa: E402
+from qtuning.errors import QTuningError, exit_on_bad_input
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
