@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from qtuning import TOKEN_TOTALS
 from qtuning.errors import QTuningError
 from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_loss
 from qtuning.pruning.passes import Batch, final_hidden_states, output_head, scoring_forward, select_rows
@@ -75,6 +76,8 @@ class SFTModule(LightningModule):
         self._window_loss_sum = torch.zeros(())
         self._window_tokens = torch.zeros(())
         self._window_input_tokens = 0
+        self._window_positions = [0, 0]  # forward, backward positions of this device's micro-batches in the window
+        self.token_totals = dict.fromkeys(TOKEN_TOTALS, 0)  # checkpointed: a resumed run ends with the same totals
         self._step_started: float | None = None
         self.last_stats: BatchStats | None = None
         self.last_decision: PruneDecision | None = None
@@ -137,6 +140,8 @@ class SFTModule(LightningModule):
         self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens = self._window_tokens.to(loss_sum.device) + weight.sum()
         self._window_input_tokens += int(batch["attention_mask"].sum())
+        bwd_tokens = ce.shape[0] * (ce.shape[1] + 1)
+        self._window_positions = [self._window_positions[0] + fwd_tokens, self._window_positions[1] + bwd_tokens]
         self.last_stats, self.last_decision = stats, decision  # for the dashboard callback
         self.log_dict(
             {
@@ -144,7 +149,7 @@ class SFTModule(LightningModule):
                 "prune/kept_tokens": decision.token_keep.sum() / stats.nonpad_mask.sum().clamp(min=1),
                 # positions (padding included) through all forward passes / through the backward pass
                 "prune/fwd_tokens": float(fwd_tokens),
-                "prune/bwd_tokens": float(ce.shape[0] * (ce.shape[1] + 1)),
+                "prune/bwd_tokens": float(bwd_tokens),
                 **{f"prune/{k}": float(v) for k, v in decision.metrics.items()},
             },
             on_step=True,
@@ -169,8 +174,12 @@ class SFTModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the summed gradients by the loss tokens of the whole accumulation window, over all devices."""
-        tokens = self.trainer.strategy.reduce(self._window_tokens.clone(), reduce_op="sum")
-        loss_sum = self.trainer.strategy.reduce(self._window_loss_sum.clone(), reduce_op="sum")
+        reduce = self.trainer.strategy.reduce
+        tokens = reduce(self._window_tokens.clone(), reduce_op="sum")
+        loss_sum = reduce(self._window_loss_sum.clone(), reduce_op="sum")
+        positions = reduce(torch.tensor(self._window_positions, device=tokens.device), reduce_op="sum")  # [2] int64
+        for key, value in zip(TOKEN_TOTALS, [round(float(tokens)), *positions.tolist()], strict=True):
+            self.token_totals[key] += value
         # DDP averaged the gradients over devices and Lightning divided them by the accumulation count.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
         for param in self.model.parameters():
@@ -191,6 +200,7 @@ class SFTModule(LightningModule):
         self._window_loss_sum = torch.zeros((), device=loss_sum.device)
         self._window_tokens = torch.zeros((), device=loss_sum.device)
         self._window_input_tokens = 0
+        self._window_positions = [0, 0]
         self._step_started = None
 
     # ---- validation: never pruned -----------------------------------------------------------------------------
@@ -211,6 +221,7 @@ class SFTModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        checkpoint["token_totals"] = dict(self.token_totals)
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         if frozen:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
@@ -220,6 +231,7 @@ class SFTModule(LightningModule):
         if "rng_states" in checkpoint:  # dropout and any other global draw continue where they were
             torch.set_rng_state(checkpoint["rng_states"]["torch"])
             random.setstate(checkpoint["rng_states"]["python"])
+        self.token_totals.update(checkpoint.get("token_totals", {}))
         if checkpoint.get("frozen_weights_omitted"):
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 

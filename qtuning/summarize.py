@@ -12,8 +12,9 @@ counted once per seed, as it ignores the budget; a pruner without token pruning 
 that differ between jobs split the table further: ``pruner.*`` ones into rows of their own (e.g. a λ sweep), the
 others (model, data, batch, ...) into blocks of their own, so that every row is compared with the Random / Random
 and Full-data rows trained like it. Jobs that differ only by ``seed`` share a row: mean ± sample std and their
-number n. Default metrics: val/loss, val/ppl and every task metric found (any key outside val/, train/, trainer/,
-prune/ and runtime_s).
+number n. Default metrics: val/loss, val/ppl, every task metric found (any key outside val/, train/, trainer/,
+prune/ and runtime_s), then the run's token totals where jobs report them (what each row's training cost: loss
+tokens, and positions through the forward and the backward passes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from qtuning import TOKEN_TOTALS
 from qtuning.errors import QTuningError, exit_on_bad_input
 
 if TYPE_CHECKING:
@@ -150,12 +152,12 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def default_metrics(rows: list[dict[str, Any]]) -> list[str]:
-    """val/loss, val/ppl, then every task metric (e.g. arc_easy/acc) that some job reports."""
+    """val/loss, val/ppl, every task metric (e.g. arc_easy/acc) that some job reports, then its token totals."""
     found = set().union(*(r["metrics"] for r in rows))
     tasks = sorted(
         k for k in found if not k.startswith(RUN_METRIC_PREFIXES) and k != "runtime_s" and not k.endswith("_stderr")
     )
-    return DEFAULT_METRICS + tasks
+    return DEFAULT_METRICS + tasks + [k for k in TOKEN_TOTALS if k in found]
 
 
 def varying_keys(rows: list[dict[str, Any]]) -> set[str]:
@@ -188,8 +190,15 @@ def stats(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def number(value: float, sign: str = "") -> str:
+    """Three decimals; from 1,000 on, whole numbers with thousands separators (token totals)."""
+    if abs(value) >= 1000:
+        return f"{value:{sign},.0f}"
+    return f"{round(value, 3) + 0.0:{sign}.3f}"  # + 0.0: no "-0.000"
+
+
 def signed(delta: float) -> str:
-    return f"{round(delta, 3) + 0.0:+.3f}".replace("-", "−")  # + 0.0: no "−0.000"
+    return number(delta, "+").replace("-", "−")
 
 
 def spread(group: list[dict], metric: str) -> tuple[float, float | None, int] | None:
@@ -209,7 +218,7 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
     if summary is None:
         return "—"
     mean, error, n = summary
-    text = f"{mean:.3f}" if error is None else f"{mean:.3f} ± {error:.3f}"
+    text = number(mean) if error is None else f"{number(mean)} ± {number(error)}"
     if n < len(group):
         text += f" (n={n})"
     deltas = []

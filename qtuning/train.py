@@ -115,6 +115,7 @@ def fit_and_validate(
         metrics["val/loss_start"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+    metrics.update(module.token_totals)
     if has_val:
         end = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({"val/loss": end["val/loss"], "val/ppl": end["val/ppl"]})
