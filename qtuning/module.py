@@ -78,6 +78,7 @@ class SFTModule(LightningModule):
         self._window_input_tokens = 0
         self._window_positions = [0, 0]  # forward, backward positions of this device's micro-batches in the window
         self.token_totals = dict.fromkeys(TOKEN_TOTALS, 0)  # checkpointed: a resumed run ends with the same totals
+        self.total_steps: int | None = None  # optimizer steps of the whole run as planned (the LR schedule's length)
         self._step_started: float | None = None
         self.last_stats: BatchStats | None = None
         self.last_decision: PruneDecision | None = None
@@ -240,12 +241,12 @@ class SFTModule(LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
+        self.total_steps = self.planned_steps()
         if self.scheduler_factory is None:
             return optimizer
-        total = self.planned_steps()
-        if total is None:
+        if self.total_steps is None:
             raise ValueError("the LR schedule needs a finite run length: set trainer.max_steps or trainer.max_epochs")
-        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def planned_steps(self) -> int | None:
@@ -260,14 +261,14 @@ class SFTModule(LightningModule):
         return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
 
     def on_train_epoch_start(self) -> None:
-        """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the schedule's end moves to
-        the optimizer steps taken so far plus those this epoch and the planned ones will take."""
+        """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the run's end, and the
+        schedule's, moves to the optimizer steps taken so far plus those this epoch and the planned ones will take."""
         remaining = getattr(self.trainer.datamodule, "remaining_batches", lambda: None)()
-        schedulers = self.lr_schedulers()
-        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
-        if remaining is None or not hasattr(scheduler, "total_steps"):
+        if remaining is None:
             return
         total = self.trainer.global_step + math.ceil(remaining / self.trainer.accumulate_grad_batches)
-        if self.trainer.max_steps > 0:
-            total = min(total, self.trainer.max_steps)
-        scheduler.total_steps = total
+        self.total_steps = min(total, self.trainer.max_steps) if self.trainer.max_steps > 0 else total
+        schedulers = self.lr_schedulers()
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        if hasattr(scheduler, "total_steps"):
+            scheduler.total_steps = self.total_steps
