@@ -23,7 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qtuning.config import config_dir
+from qtuning.config import check_config, config_dir
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.evaluation.data import TASKS, metric_key, prepare_tasks
 from qtuning.loggers import build_loggers, finish_wandb
@@ -150,6 +150,7 @@ def log_to_loggers(loggers: list[Any], metrics: dict[str, float], step: int = 0)
 @exit_on_bad_input
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(cfg)
