@@ -190,15 +190,15 @@ def stats(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def number(value: float, sign: str = "") -> str:
-    """Three decimals; from 1,000 on, whole numbers with thousands separators (token totals)."""
-    if abs(value) >= 1000:
+def number(value: float, metric: str, sign: str = "") -> str:
+    """Three decimals; token totals (counts) as whole numbers with thousands separators."""
+    if metric in TOKEN_TOTALS:
         return f"{value:{sign},.0f}"
     return f"{round(value, 3) + 0.0:{sign}.3f}"  # + 0.0: no "-0.000"
 
 
-def signed(delta: float) -> str:
-    return number(delta, "+").replace("-", "−")
+def signed(delta: float, metric: str) -> str:
+    return number(delta, metric, "+").replace("-", "−")
 
 
 def spread(group: list[dict], metric: str) -> tuple[float, float | None, int] | None:
@@ -218,13 +218,13 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
     if summary is None:
         return "—"
     mean, error, n = summary
-    text = number(mean) if error is None else f"{number(mean)} ± {number(error)}"
+    text = number(mean, metric) if error is None else f"{number(mean, metric)} ± {number(error, metric)}"
     if n < len(group):
         text += f" (n={n})"
     deltas = []
     for base in baselines:
         base_values = [r["metrics"][metric] for r in base or [] if metric in r["metrics"]]
-        deltas.append("—" if base is group or not base_values else signed(mean - statistics.fmean(base_values)))
+        deltas.append("—" if base is group or not base_values else signed(mean - statistics.fmean(base_values), metric))
     return f"{text} ({' / '.join(deltas)})"
 
 
@@ -309,7 +309,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     ]
     if full_counted_once:
         lines[-1] += " Full data counts one job per seed, whatever its budget (which it ignores)."
-    lower = [m for m in metrics if any(word in m.lower() for word in LOWER_IS_BETTER)]
+    lower = [m for m in metrics if any(w in m.lower() for w in LOWER_IS_BETTER) and m not in TOKEN_TOTALS]
     if lower:
         lines[-1] += f" Lower is better for losses and perplexities ({', '.join(lower)})."
     if not any(r["status"] == "done" and r["sample"] != ZERO_SHOT for r in rows):

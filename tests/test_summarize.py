@@ -167,9 +167,9 @@ def test_default_metrics_add_task_metrics():
     assert summarize.default_metrics(rows) == ["val/loss", "val/ppl", "arc_easy/acc"]
 
 
-def test_token_totals_are_default_columns_in_whole_thousands(tmp_path):
+def test_token_totals_are_default_columns_in_whole_numbers(tmp_path):
     for job, fwd in (
-        (make_job(tmp_path, "0", "combo:random:random", "s25_t50", 2.0), 12345),
+        (make_job(tmp_path, "0", "combo:random:random", "s25_t50", 2.0), 217),
         (make_job(tmp_path, "1", "none", "s25_t50", 1.5), 48000),
     ):
         metrics = json.loads((job / "metrics.json").read_text())
@@ -177,8 +177,9 @@ def test_token_totals_are_default_columns_in_whole_thousands(tmp_path):
     metrics = summarize.default_metrics(summarize.collect(tmp_path))
     assert metrics == ["val/loss", "val/ppl", "prune/fwd_tokens_total"]  # the other totals: no job has them
     lines = table_lines(tmp_path, metrics)
-    assert "| Random | Random | 1 | 2.000 (— / +0.500) | 4.000 (— / +1.000) | 12,345 (— / −35,655) |" in lines
-    assert "| Full data | — | 1 | 1.500 (−0.500 / —) | 3.000 (−1.000 / —) | 48,000 (+35,655 / —) |" in lines
+    assert "| Random | Random | 1 | 2.000 (— / +0.500) | 4.000 (— / +1.000) | 217 (— / −47,783) |" in lines
+    assert "| Full data | — | 1 | 1.500 (−0.500 / —) | 3.000 (−1.000 / —) | 48,000 (+47,783 / —) |" in lines
+    assert lines[-1].endswith("Lower is better for losses and perplexities (val/loss, val/ppl).")  # not for counts
 
 
 @pytest.mark.parametrize("make", [False, True], ids=["no-such-dir", "empty-dir"])
