@@ -41,18 +41,18 @@ class Range:
         return f"{kind}{'<' if self.high_open else '<='} {self.high}"
 
 
-@dataclass(frozen=True)
 class Either:
     """Any of ``options``: a `Range`, an exact value (-1 for "no limit", None for null) or a type (``str``)."""
 
-    options: tuple[Any, ...]
+    def __init__(self, *options: Any) -> None:
+        self.options = options
 
     def allows(self, value: Any) -> bool:
         return any(_allows(option, value) for option in self.options)
 
     def __str__(self) -> str:
         names = {None: "null", str: "a string"}
-        return " or ".join(names.get(o, str(o)) if not isinstance(o, Range) else str(o) for o in self.options)
+        return " or ".join(names.get(option, str(option)) for option in self.options)
 
 
 def _allows(option: Any, value: Any) -> bool:
@@ -71,45 +71,65 @@ SHARE = Range(0, 1, low_open=True)  # a kept fraction: (0, 1]
 UNIT = Range(0, 1)
 BELOW_ONE = Range(0, 1, high_open=True)
 SEED = Range(0, 2**32 - 1, integer=True)  # what numpy, and so Lightning's seed_everything, accepts
-COUNT_OR_NULL = Either((COUNT, None))
+COUNT_OR_NULL = Either(COUNT, None)
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 RANGES: dict[str, dict[str, Range | Either]] = {
     "": {"seed": SEED, "ckpt_every_n_steps": COUNT, "max_bad_steps": COUNT, "num_samples": COUNT_OR_NULL},
     "budget": {"r_sample": SHARE, "r_token": SHARE},
     "data": {
-        **{"max_length": Range(2, integer=True), "batch_size": COUNT, "val_size": NONNEG_INT},
-        **{"limit": COUNT_OR_NULL, "num_workers": NONNEG_INT, "seed": SEED},
+        "max_length": Range(2, integer=True),
+        "batch_size": COUNT,
+        "val_size": NONNEG_INT,
+        "limit": COUNT_OR_NULL,
+        "num_workers": NONNEG_INT,
+        "seed": SEED,
     },
     "trainer": {
-        "max_epochs": Either((COUNT, -1, None)),  # -1: no epoch limit
-        "max_steps": Either((COUNT, -1)),
-        "devices": Either((COUNT, -1, str)),  # Lightning also reads "auto" and "0,1"
-        **{"num_nodes": COUNT, "accumulate_grad_batches": COUNT, "log_every_n_steps": COUNT},
-        "gradient_clip_val": Either((NONNEG, None)),
-        "val_check_interval": Either((COUNT, SHARE, None)),  # batches, or a fraction of the epoch
-        "num_sanity_val_steps": Either((NONNEG_INT, -1)),
+        "max_epochs": Either(COUNT, -1, None),  # -1: no epoch limit
+        "max_steps": Either(COUNT, -1),
+        "devices": Either(COUNT, -1, str),  # Lightning also reads "auto" and "0,1"
+        "num_nodes": COUNT,
+        "accumulate_grad_batches": COUNT,
+        "log_every_n_steps": COUNT,
+        "gradient_clip_val": Either(NONNEG, None),
+        "val_check_interval": Either(COUNT, SHARE, None),  # batches, or a fraction of the epoch
+        "num_sanity_val_steps": Either(NONNEG_INT, -1),
     },
     "optimizer": {"lr": POSITIVE, "weight_decay": NONNEG, "eps": POSITIVE, "momentum": NONNEG, "betas.*": BELOW_ONE},
     "scheduler": {"warmup_ratio": BELOW_ONE, "min_lr_ratio": UNIT},
     "pruner": {
-        **{"sample_keep_ratio": SHARE, "token_keep_ratio": SHARE, "r_sample": SHARE, "seed": SEED},
-        **{"lam": UNIT, "q_max": Range(0, 0.5, low_open=True, high_open=True), "ppl_guard": BELOW_ONE},
-        **{"bisect_iters": COUNT, "bisect_tol": POSITIVE, "delta": UNIT},
+        "sample_keep_ratio": SHARE,
+        "token_keep_ratio": SHARE,
+        "r_sample": SHARE,
+        "seed": SEED,
+        "lam": UNIT,
+        "q_max": Range(0, 0.5, low_open=True, high_open=True),
+        "ppl_guard": BELOW_ONE,
+        "bisect_iters": COUNT,
+        "bisect_tol": POSITIVE,
+        "delta": UNIT,
     },
     "eval": {
-        "limit": Either((POSITIVE, None)),  # documents per task, or a fraction of them below 1
-        "limits.*": Either((POSITIVE, None)),
-        **{"batch_size": COUNT, "max_length": COUNT, "bootstrap_iters": NONNEG_INT},
+        "limit": Either(POSITIVE, None),  # documents per task, or a fraction of them below 1
+        "limits.*": Either(POSITIVE, None),
+        "batch_size": COUNT,
+        "max_length": COUNT,
+        "bootstrap_iters": NONNEG_INT,
     },
     "model": {
-        **{"lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": BELOW_ONE},
+        "lora.r": COUNT,
+        "lora.alpha": POSITIVE,
+        "lora.dropout": BELOW_ONE,
         **{f"architecture.{k}": COUNT_OR_NULL for k in (*SIZES, "vocab_size", "max_position_embeddings")},
         "architecture.rope_theta": POSITIVE,
     },
     "callbacks": {
-        **{"every_n_train_steps": COUNT, "plot_every_n_steps": COUNT, "every_n_steps": COUNT},
-        **{"n_examples": NONNEG_INT, "save_top_k": Either((NONNEG_INT, -1))},
+        "every_n_train_steps": COUNT,
+        "plot_every_n_steps": COUNT,
+        "every_n_steps": COUNT,
+        "n_examples": NONNEG_INT,
+        "save_top_k": Either(NONNEG_INT, -1),
     },
 }
 
