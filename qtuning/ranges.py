@@ -72,10 +72,11 @@ UNIT = Range(0, 1)
 BELOW_ONE = Range(0, 1, high_open=True)
 SEED = Range(0, 2**32 - 1, integer=True)  # what numpy, and so Lightning's seed_everything, accepts
 COUNT_OR_NULL = Either(COUNT, None)
+CHECKPOINT_EVERY = Either(NONNEG_INT, None)  # ModelCheckpoint: 0 or null turns that trigger off
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 RANGES: dict[str, dict[str, Range | Either]] = {
-    "": {"seed": SEED, "ckpt_every_n_steps": COUNT, "max_bad_steps": COUNT, "num_samples": COUNT_OR_NULL},
+    "": {"seed": SEED, "ckpt_every_n_steps": CHECKPOINT_EVERY, "max_bad_steps": COUNT, "num_samples": COUNT_OR_NULL},
     "budget": {"r_sample": SHARE, "r_token": SHARE},
     "data": {
         "max_length": Range(2, integer=True),
@@ -125,7 +126,8 @@ RANGES: dict[str, dict[str, Range | Either]] = {
         "architecture.rope_theta": POSITIVE,
     },
     "callbacks": {
-        "every_n_train_steps": COUNT,
+        "every_n_train_steps": CHECKPOINT_EVERY,
+        "every_n_epochs": CHECKPOINT_EVERY,
         "plot_every_n_steps": COUNT,
         "every_n_steps": COUNT,
         "n_examples": NONNEG_INT,
