@@ -51,12 +51,16 @@ def test_every_option_composes(tmp_path, group, option):
 
 # Values the range table must let through (Lightning's own forms, null, -1 for "no limit") and the near misses it must
 # not; every shipped option is in range (test_every_option_composes), the CLI's messages are in test_bad_input.
-IN_RANGE = ["trainer.devices=auto", "trainer.max_steps=-1", "trainer.max_epochs=null", "trainer.val_check_interval=0.5"]
-IN_RANGE += [
+IN_RANGE = [
+    "trainer.devices=auto",
+    "trainer.max_steps=-1",
+    "trainer.max_epochs=null",
+    "trainer.val_check_interval=0.5",
     "trainer.val_check_interval=20",
     "data.limit=null",
     "scheduler.warmup_ratio=0",
     "+optimizer.betas=[0.9,0.99]",
+    "callbacks=default ckpt_every_n_steps=null +callbacks.checkpoint.every_n_epochs=1",
 ]
 OUT_OF_RANGE = {
     "trainer.max_steps=0": "trainer.max_steps=0 must be an integer >= 1 or -1",
@@ -70,9 +74,9 @@ OUT_OF_RANGE = {
 }
 
 
-@pytest.mark.parametrize("override", IN_RANGE)
-def test_numbers_in_range_pass(tmp_path, override):
-    check_config(compose_train([*TINY_OVERRIDES, override], tmp_path))
+@pytest.mark.parametrize("overrides", IN_RANGE)
+def test_numbers_in_range_pass(tmp_path, overrides):
+    check_config(compose_train([*TINY_OVERRIDES, *overrides.split()], tmp_path))
 
 
 @pytest.mark.parametrize(("overrides", "message"), OUT_OF_RANGE.items())
