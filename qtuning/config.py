@@ -1,9 +1,10 @@
-"""Config checks that need no model or data, instantiation that reports errors against the config key, and the
-resolver that names sweep directories."""
+"""Where the Hydra configs are, checks that need no model or data, instantiation that reports errors against the
+config key, and the resolver that names sweep directories (registered on import: every entry point imports this)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -11,8 +12,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qtuning.errors import QTuningError
+from qtuning.ranges import out_of_range
 
 MAX_DIRNAME = 120
+
+
+def config_dir() -> str:
+    """The Hydra config directory: the checkout's ``conf/`` beside the package (a clone, an editable install), else
+    the copy a wheel installs inside the package (``qtuning/conf``)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    return str(checkout if (checkout / "train.yaml").is_file() else package / "conf")
 
 
 def short_dirname(name: str) -> str:
@@ -27,14 +37,14 @@ OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Checks that need no model or data, so that a typo fails in a second, naming the key."""
+    """Checks that need no model or data, so that a typo fails in a second, naming the key: every value given, every
+    number in its range (`qtuning.ranges`)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise QTuningError(f"{', '.join(missing)}: required, but no value given (set it on the command line)")
-    for key in ("r_sample", "r_token"):
-        value = cfg.budget.get(key)
-        if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-            raise QTuningError(f"budget.{key}={value} must be a number in (0, 1]")
+    problem = out_of_range(cfg)
+    if problem:
+        raise QTuningError(problem)
 
 
 def instantiate_key(node: DictConfig, key: str, **kwargs: Any) -> Any:

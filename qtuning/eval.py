@@ -23,6 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qtuning.config import check_config, config_dir
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.evaluation.data import TASKS, metric_key, prepare_tasks
 from qtuning.loggers import build_loggers, finish_wandb
@@ -145,10 +146,11 @@ def log_to_loggers(loggers: list[Any], metrics: dict[str, float], step: int = 0)
             logger.experiment.summary.update(metrics)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 @exit_on_bad_input
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(cfg)
@@ -162,5 +164,10 @@ def main(cfg: DictConfig) -> None:
     log.info("results (%s):\n%s", output_dir / "metrics.json", report(metrics))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``qtuning-eval`` command (``python -m qtuning.eval``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

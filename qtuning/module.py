@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from qtuning import TOKEN_TOTALS
 from qtuning.errors import QTuningError
 from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_loss
 from qtuning.pruning.passes import Batch, final_hidden_states, output_head, scoring_forward, select_rows
@@ -75,6 +76,9 @@ class SFTModule(LightningModule):
         self._window_loss_sum = torch.zeros(())
         self._window_tokens = torch.zeros(())
         self._window_input_tokens = 0
+        self._window_positions = [0, 0]  # forward, backward positions of this device's micro-batches in the window
+        self.token_totals = dict.fromkeys(TOKEN_TOTALS, 0)  # checkpointed: a resumed run ends with the same totals
+        self.total_steps: int | None = None  # optimizer steps of the whole run as planned (the LR schedule's length)
         self._step_started: float | None = None
         self.last_stats: BatchStats | None = None
         self.last_decision: PruneDecision | None = None
@@ -137,6 +141,8 @@ class SFTModule(LightningModule):
         self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens = self._window_tokens.to(loss_sum.device) + weight.sum()
         self._window_input_tokens += int(batch["attention_mask"].sum())
+        bwd_tokens = ce.shape[0] * (ce.shape[1] + 1)
+        self._window_positions = [self._window_positions[0] + fwd_tokens, self._window_positions[1] + bwd_tokens]
         self.last_stats, self.last_decision = stats, decision  # for the dashboard callback
         self.log_dict(
             {
@@ -144,7 +150,7 @@ class SFTModule(LightningModule):
                 "prune/kept_tokens": decision.token_keep.sum() / stats.nonpad_mask.sum().clamp(min=1),
                 # positions (padding included) through all forward passes / through the backward pass
                 "prune/fwd_tokens": float(fwd_tokens),
-                "prune/bwd_tokens": float(ce.shape[0] * (ce.shape[1] + 1)),
+                "prune/bwd_tokens": float(bwd_tokens),
                 **{f"prune/{k}": float(v) for k, v in decision.metrics.items()},
             },
             on_step=True,
@@ -169,8 +175,12 @@ class SFTModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the summed gradients by the loss tokens of the whole accumulation window, over all devices."""
-        tokens = self.trainer.strategy.reduce(self._window_tokens.clone(), reduce_op="sum")
-        loss_sum = self.trainer.strategy.reduce(self._window_loss_sum.clone(), reduce_op="sum")
+        reduce = self.trainer.strategy.reduce
+        tokens = reduce(self._window_tokens.clone(), reduce_op="sum")
+        loss_sum = reduce(self._window_loss_sum.clone(), reduce_op="sum")
+        positions = reduce(torch.tensor(self._window_positions, device=tokens.device), reduce_op="sum")  # [2] int64
+        for key, value in zip(TOKEN_TOTALS, [round(float(tokens)), *positions.tolist()], strict=True):
+            self.token_totals[key] += value
         # DDP averaged the gradients over devices and Lightning divided them by the accumulation count.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
         for param in self.model.parameters():
@@ -191,6 +201,7 @@ class SFTModule(LightningModule):
         self._window_loss_sum = torch.zeros((), device=loss_sum.device)
         self._window_tokens = torch.zeros((), device=loss_sum.device)
         self._window_input_tokens = 0
+        self._window_positions = [0, 0]
         self._step_started = None
 
     # ---- validation: never pruned -----------------------------------------------------------------------------
@@ -211,6 +222,7 @@ class SFTModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        checkpoint["token_totals"] = dict(self.token_totals)
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         if frozen:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
@@ -220,6 +232,7 @@ class SFTModule(LightningModule):
         if "rng_states" in checkpoint:  # dropout and any other global draw continue where they were
             torch.set_rng_state(checkpoint["rng_states"]["torch"])
             random.setstate(checkpoint["rng_states"]["python"])
+        self.token_totals.update(checkpoint.get("token_totals", {}))
         if checkpoint.get("frozen_weights_omitted"):
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
@@ -228,12 +241,12 @@ class SFTModule(LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
+        self.total_steps = self.planned_steps()
         if self.scheduler_factory is None:
             return optimizer
-        total = self.planned_steps()
-        if total is None:
+        if self.total_steps is None:
             raise ValueError("the LR schedule needs a finite run length: set trainer.max_steps or trainer.max_epochs")
-        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def planned_steps(self) -> int | None:
@@ -248,14 +261,14 @@ class SFTModule(LightningModule):
         return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
 
     def on_train_epoch_start(self) -> None:
-        """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the schedule's end moves to
-        the optimizer steps taken so far plus those this epoch and the planned ones will take."""
+        """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the run's end, and the
+        schedule's, moves to the optimizer steps taken so far plus those this epoch and the planned ones will take."""
         remaining = getattr(self.trainer.datamodule, "remaining_batches", lambda: None)()
-        schedulers = self.lr_schedulers()
-        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
-        if remaining is None or not hasattr(scheduler, "total_steps"):
+        if remaining is None:
             return
         total = self.trainer.global_step + math.ceil(remaining / self.trainer.accumulate_grad_batches)
-        if self.trainer.max_steps > 0:
-            total = min(total, self.trainer.max_steps)
-        scheduler.total_steps = total
+        self.total_steps = min(total, self.trainer.max_steps) if self.trainer.max_steps > 0 else total
+        schedulers = self.lr_schedulers()
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        if hasattr(scheduler, "total_steps"):
+            scheduler.total_steps = self.total_steps

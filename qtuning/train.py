@@ -17,7 +17,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from qtuning.checkpoints import check_checkpoint
-from qtuning.config import check_config, instantiate_key
+from qtuning.config import check_config, config_dir, instantiate_key
 from qtuning.errors import exit_on_bad_input, run_cli
 from qtuning.eval import call_groups, evaluate, log_to_loggers
 from qtuning.evaluation.data import prepare_tasks
@@ -115,6 +115,7 @@ def fit_and_validate(
         metrics["val/loss_start"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+    metrics.update(module.token_totals)
     if has_val:
         end = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({"val/loss": end["val/loss"], "val/ppl": end["val/ppl"]})
@@ -122,7 +123,7 @@ def fit_and_validate(
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @exit_on_bad_input
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -141,5 +142,10 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric") or "val/loss")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``qtuning-train`` command (``python -m qtuning.train``)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,7 +1,7 @@
 """What one optimizer step and one validation pass cost, and their peak memory, side by side in one process.
 
-    python scripts/bench_step.py --model smollm2_135m:256 random_llama3_head:1024 --write docs/benchmarks.md
-    python scripts/bench_step.py --model random_smollm2_135m:2048 --precision bf16-mixed --kinds full   # a GPU
+    python -m scripts.bench_step --model smollm2_135m:256 random_llama3_head:1024 --write docs/benchmarks.md
+    python -m scripts.bench_step --model random_smollm2_135m:2048 --precision bf16-mixed --kinds full   # a GPU
 
 Each model (``NAME[:LENGTH]``, a `conf/model` option and the sequence length, 256 by default) is measured on one batch
 of ``--batch`` rows of random tokens, at r_sample 0.25 and r_token 0.5, for full fine-tuning and LoRA:
@@ -38,16 +38,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qtuning.config import config_dir
+from qtuning.models import build_model, build_tokenizer
+from qtuning.module import SFTModule
+from qtuning.pruning import BatchStats, NoPruning, QTuningPolicy, shift_targets, token_loss
+from qtuning.pruning.passes import final_hidden_states, output_head, scoring_forward, select_rows
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from qtuning.models import build_model, build_tokenizer  # noqa: E402
-from qtuning.module import SFTModule  # noqa: E402
-from qtuning.pruning import BatchStats, NoPruning, QTuningPolicy, shift_targets, token_loss  # noqa: E402
-from qtuning.pruning.passes import final_hidden_states, output_head, scoring_forward, select_rows  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m scripts.bench_step` finds this file (memory probes)
 
 R_SAMPLE, R_TOKEN = 0.25, 0.5
 MODES = ("full", "shared", "separate", "ideal", "scoring", "validation")
@@ -57,7 +56,7 @@ Batch = dict[str, torch.Tensor]
 
 
 def model_config(name: str, lora: bool, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}", f"model.lora.enabled={lora}", *overrides])
     return cfg.model, os.path.expanduser(os.environ.get("QTUNING_CACHE_DIR", "~/.cache/qtuning"))
 
@@ -220,10 +219,11 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
     On CPU the probe runs with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors leave the resident set at once and
     memory kept by the allocator from earlier work cannot hide (or fake) a peak.
     """
-    command = [sys.executable, __file__, "--probe", mode, "--model", f"{name}:{length}", "--batch", str(args.batch)]
+    command = [sys.executable, "-m", "scripts.bench_step", "--probe", mode, "--model", f"{name}:{length}"]
+    command += ["--batch", str(args.batch)]
     command += ["--precision", args.precision, "--override", *args.override] + (["--lora"] if lora else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1])
 
 
@@ -334,7 +334,7 @@ def main() -> None:
         for kind in args.kinds:
             print(f"benchmarking {name} at {args.batch} x {length} ({kind}) ...", flush=True)
             results[(name, length, kind)] = measure(args, name, kind == "lora", length, device)
-    command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
+    command = "python -m scripts.bench_step " + " ".join(sys.argv[1:])
     text = report(results, args, command, device)
     print(text)
     if args.json:

@@ -24,11 +24,12 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from qtuning.config import config_dir
 from qtuning.data import iter_rows
 from qtuning.models import build_tokenizer
 
 out = Path(sys.argv[1])
-with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
+with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
     cfg = compose("train", overrides=["model=smollm2_135m"])
 build_tokenizer(cfg.model, cfg.paths.cache_dir).save_pretrained(out / "smollm2_tokenizer")
 rows = iter_rows(cfg.data.path, salvage_truncated=True)

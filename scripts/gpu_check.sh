@@ -7,7 +7,7 @@
 # SmolLM2's tokenizer, real chats) comes from .gpu_carry/ (QTUNING_GPU_CARRY moves it) when it is not installed.
 # Steps:
 # 1. the tests marked gpu;
-# 2. scripts/bench_step.py on CUDA in bf16-mixed: SmolLM2-135M- and Llama-3.2-1B-shaped random-init models at
+# 2. scripts/bench_step.py (python -m scripts.bench_step) on CUDA in bf16-mixed: SmolLM2-135M- and Llama-3.2-1B-shaped random-init models at
 #    8 x 2,048 (step times and ratios, tokens/s, max_memory_allocated of each mode, before and after the chunked loss);
 # 3. 20 steps of trainer=gpu Q-Tuning on real ShareGPT chats (SmolLM2-135M-shaped model);
 # 4. a short trainer=fsdp run with LoRA on one GPU (--cpu: trainer=ddp_cpu; Lightning runs FSDP on GPUs only).
@@ -81,7 +81,7 @@ fi
 common=(logger=csv trainer.enable_progress_bar=false)
 
 step "tests marked gpu" 180 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
-step "bench_step, bf16-mixed" 300 "$python" scripts/bench_step.py "${bench[@]}" --precision bf16-mixed \
+step "bench_step, bf16-mixed" 300 "$python" -m scripts.bench_step "${bench[@]}" --precision bf16-mixed \
     --override "${model[@]:1}" --write "$work/bench.md" --json "$out/bench_step.json"
 step "Q-Tuning, ${train[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${train[@]}" "${common[@]}" \
     "hydra.run.dir=$work/qtuning"

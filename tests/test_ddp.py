@@ -1,8 +1,10 @@
 """Multi-process training on CPU (trainer=ddp_cpu: 2 processes, gloo) runs every kind of policy to the end, and a
-dataset-level policy's state (InfoBatch's scores and epoch plan) is the same on both ranks."""
+dataset-level policy's state (InfoBatch's scores and epoch plan) is the same on both ranks, and the token totals are
+those of both ranks together."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,13 @@ def test_two_cpu_processes_train_to_the_end(tmp_path: Path, case: str):
         *tiny_cli_args(tmp_path, *CASES[case]),
         "trainer=ddp_cpu", "budget=s50_t70", "trainer.max_steps=-1", "trainer.max_epochs=3",
         "+callbacks.dump._target_=tests.signals.DumpPolicyState", f"+callbacks.dump.dirpath={run_dir}",
+        "+callbacks.sums._target_=tests.signals.SumLoggedPositions", f"+callbacks.sums.dirpath={run_dir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "metrics.json").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the run's totals are over both processes: each rank logged only its own micro-batches
+    fwd, bwd = sum(torch.load(run_dir / f"positions_rank{rank}.pt") for rank in (0, 1)).tolist()
+    assert (metrics["prune/fwd_tokens_total"], metrics["prune/bwd_tokens_total"]) == (fwd, bwd)
     states = [torch.load(run_dir / f"policy_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     if case == "infobatch":
         # 40 rows, 2 processes x 4: 5 steps in epoch 0, fewer once pruned; both ranks recorded every sample

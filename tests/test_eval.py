@@ -102,6 +102,20 @@ def test_eval_cli_prints_accuracies_and_writes_metrics(tmp_path):
     assert "arc_easy/acc" in result.stdout + result.stderr
 
 
+def test_eval_multirun_runs_every_job(tmp_path):
+    """A multirun names its job directories through the short_dirname resolver, which the eval entry point must
+    register too (it used to fail at once with UnsupportedInterpolationType)."""
+    command = [sys.executable, "-m", "qtuning.eval", "-m", "model=tiny_llama", "logger=none", "eval=arc"]
+    args = ["eval.limit=2,3", f"eval.data_dir={EVAL_FIXTURES}", f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {int(re.search(r"eval\.limit=(\d)", p.parent.name)[1]): p for p in tmp_path.glob("*/metrics.json")}
+    assert sorted(jobs) == [2, 3]
+    for limit, path in jobs.items():
+        accuracy = json.loads(path.read_text())["arc_easy/acc"]
+        assert (accuracy * limit) == pytest.approx(round(accuracy * limit))  # a count of correct documents of `limit`
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -1,9 +1,10 @@
 """Runs that survive: killed (SIGKILL) or preempted (SIGTERM, SIGUSR1) mid-epoch, resumed with resume=auto, they end
-with the same parameters and the same per-step losses as an uninterrupted run."""
+with the same parameters, the same per-step losses and the same token totals as an uninterrupted run."""
 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qtuning import TOKEN_TOTALS
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 # 40 training rows in batches of 4: 10 steps an epoch, so 14 steps cross an epoch boundary.
@@ -38,15 +40,24 @@ def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """train/loss by optimizer step, over every CSV version the run directory holds (a resumed run adds one)."""
-    losses: dict[int, float] = {}
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """``key`` by logging step, over every CSV version the run directory holds (a resumed run adds one)."""
+    values: dict[int, float] = {}
     for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         with path.open() as f:
             for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses
+                if row.get(key):
+                    values[int(row["step"])] = float(row[key])
+    return values
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return logged(run_dir, "train/loss")
+
+
+def token_totals(run_dir: Path) -> dict[str, int]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {k: metrics[k] for k in TOKEN_TOTALS}
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,6 +87,18 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
     reference = final_weights(whole)
     for name, tensor in final_weights(resumed).items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6)
+    assert token_totals(resumed) == token_totals(whole)  # carried through the checkpoint, not restarted from 0
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_token_totals_are_the_sums_of_the_logged_steps(uninterrupted, policy):
+    """One micro-batch per optimizer step (accumulate_grad_batches=1), one device: each total is the sum of its
+    per-step values in metrics.csv, over the 14 steps."""
+    totals = token_totals(uninterrupted[policy])
+    for key in ("train/loss_tokens", "prune/fwd_tokens", "prune/bwd_tokens"):
+        steps = logged(uninterrupted[policy], key)
+        assert len(steps) == 14 and all(v > 0 for v in steps.values()), key
+        assert totals[f"{key}_total"] == sum(steps.values()), key
 
 
 # Checkpoints every 3 steps; epoch 0 is steps 1-10. Killed at 8: back to step 6, inside epoch 0. Killed at 13: back

@@ -1,5 +1,5 @@
-"""The in-batch token pruners (docs/method.md §7): keep rules and scores pinned on hand-built inputs, the model passes on a tiny
-random-init Llama."""
+"""The in-batch token pruners (docs/method.md §7): keep rules and scores pinned on hand-built inputs, the model passes
+on a tiny random-init Llama."""
 
 from __future__ import annotations
 

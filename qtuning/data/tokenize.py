@@ -44,6 +44,13 @@ def use_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
 
 
+def markup_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids only a template writes, never plain text: the special tokens and the added tokens flagged special (turn
+    ends such as ``<|im_end|>``, EOS), not the unknown token, which text does produce."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return (set(tokenizer.all_special_ids) | added) - {tokenizer.unk_token_id}
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> str:
     if not messages:
         return ""
@@ -55,13 +62,15 @@ def encode_conversation(
 ) -> Encoded:
     """Token ids and labels of one conversation, truncated to ``max_length`` (the start is kept).
 
-    Assistant turns that answer a user turn are trained on, with EOS appended if the template did not end them
-    with it. Blank assistant turns are masked like prompt text, so a conversation whose responses are all blank has
-    no labels.
+    Assistant turns that answer a user turn are trained on exactly as the template writes them (its turn end, e.g.
+    ChatML's ``<|im_end|>\n``, included); EOS is appended only to a turn in which the template wrote no special token
+    at all, so that the model still learns to stop. Blank assistant turns are masked like prompt text, so a
+    conversation whose responses are all blank has no labels.
     """
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+    markup = markup_ids(tokenizer)
 
     def add(text: str, train: bool) -> None:
         nonlocal rendered
@@ -71,7 +80,7 @@ def encode_conversation(
                 "use model.chat_template=plain"
             )
         ids = tokenizer(text[len(rendered) :], add_special_tokens=False)["input_ids"]
-        if train and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        if train and tokenizer.eos_token_id is not None and markup.isdisjoint(ids):  # no terminator written
             ids = ids + [tokenizer.eos_token_id]
         input_ids.extend(ids)
         labels.extend(ids if train else [IGNORE_INDEX] * len(ids))

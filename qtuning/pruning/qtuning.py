@@ -244,7 +244,8 @@ class QTuningPolicy(PruningPolicy):
         self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
-        """Stage 2 (docs/method.md §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the loss."""
+        """Stage 2 (docs/method.md §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the
+        loss."""
         candidates = stats.response_mask & (result.kept & result.q2like)[:, None]  # [B, T-1]
         if self.r_token >= 1.0:
             return torch.zeros_like(candidates)

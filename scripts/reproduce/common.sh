@@ -34,7 +34,8 @@ run_grid() {
     fi
     "$PYTHON" -m qtuning.train -m sweep="$sweep" experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
         data="$data" data.path="$data_path" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
-    # shellcheck disable=SC2086  # the metrics are words
-    "$PYTHON" scripts/summarize_sweep.py "$OUT" --out "$OUT/summary" --plot --metrics $metrics
+    # shellcheck disable=SC2086  # the metrics are words; the token totals show what each row's training cost
+    "$PYTHON" -m qtuning.summarize "$OUT" --out "$OUT/summary" --plot --metrics $metrics \
+        train/loss_tokens_total prune/fwd_tokens_total prune/bwd_tokens_total
     return "$status"
 }

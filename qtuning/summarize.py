@@ -1,7 +1,7 @@
 """Summarise a Hydra multirun: one CSV row per job, and a Markdown table in the layout of the paper's Table 1.
 
-    python scripts/summarize_sweep.py logs/train/multiruns/2025-01-01_12-00-00
-    python scripts/summarize_sweep.py SWEEP_DIR --metrics val/loss val/ppl arc_easy/acc --out results/table1
+    qtuning-summarize logs/train/multiruns/2025-01-01_12-00-00            # or: python -m qtuning.summarize ...
+    qtuning-summarize SWEEP_DIR --metrics val/loss val/ppl arc_easy/acc --out results/table1
 
 Writes PREFIX.csv and PREFIX.md (PREFIX defaults to SWEEP_DIR/summary) and prints the Markdown.
 
@@ -12,8 +12,9 @@ counted once per seed, as it ignores the budget; a pruner without token pruning 
 that differ between jobs split the table further: ``pruner.*`` ones into rows of their own (e.g. a λ sweep), the
 others (model, data, batch, ...) into blocks of their own, so that every row is compared with the Random / Random
 and Full-data rows trained like it. Jobs that differ only by ``seed`` share a row: mean ± sample std and their
-number n. Default metrics: val/loss, val/ppl and every task metric found (any key outside val/, train/, trainer/,
-prune/ and runtime_s).
+number n. Default metrics: val/loss, val/ppl, every task metric found (any key outside val/, train/, trainer/,
+prune/ and runtime_s), then the run's token totals where jobs report them (what each row's training cost: loss
+tokens, and positions through the forward and the backward passes).
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qtuning.errors import QTuningError, exit_on_bad_input  # noqa: E402
+from qtuning import TOKEN_TOTALS
+from qtuning.errors import QTuningError, exit_on_bad_input
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,12 +152,12 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def default_metrics(rows: list[dict[str, Any]]) -> list[str]:
-    """val/loss, val/ppl, then every task metric (e.g. arc_easy/acc) that some job reports."""
+    """val/loss, val/ppl, every task metric (e.g. arc_easy/acc) that some job reports, then its token totals."""
     found = set().union(*(r["metrics"] for r in rows))
     tasks = sorted(
         k for k in found if not k.startswith(RUN_METRIC_PREFIXES) and k != "runtime_s" and not k.endswith("_stderr")
     )
-    return DEFAULT_METRICS + tasks
+    return DEFAULT_METRICS + tasks + [k for k in TOKEN_TOTALS if k in found]
 
 
 def varying_keys(rows: list[dict[str, Any]]) -> set[str]:
@@ -191,8 +190,15 @@ def stats(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def signed(delta: float) -> str:
-    return f"{round(delta, 3) + 0.0:+.3f}".replace("-", "−")  # + 0.0: no "−0.000"
+def number(value: float, metric: str, sign: str = "") -> str:
+    """Three decimals; token totals (counts) as whole numbers with thousands separators."""
+    if metric in TOKEN_TOTALS:
+        return f"{value:{sign},.0f}"
+    return f"{round(value, 3) + 0.0:{sign}.3f}"  # + 0.0: no "-0.000"
+
+
+def signed(delta: float, metric: str) -> str:
+    return number(delta, metric, "+").replace("-", "−")
 
 
 def spread(group: list[dict], metric: str) -> tuple[float, float | None, int] | None:
@@ -212,13 +218,13 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
     if summary is None:
         return "—"
     mean, error, n = summary
-    text = f"{mean:.3f}" if error is None else f"{mean:.3f} ± {error:.3f}"
+    text = number(mean, metric) if error is None else f"{number(mean, metric)} ± {number(error, metric)}"
     if n < len(group):
         text += f" (n={n})"
     deltas = []
     for base in baselines:
         base_values = [r["metrics"][metric] for r in base or [] if metric in r["metrics"]]
-        deltas.append("—" if base is group or not base_values else signed(mean - statistics.fmean(base_values)))
+        deltas.append("—" if base is group or not base_values else signed(mean - statistics.fmean(base_values), metric))
     return f"{text} ({' / '.join(deltas)})"
 
 
@@ -303,7 +309,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     ]
     if full_counted_once:
         lines[-1] += " Full data counts one job per seed, whatever its budget (which it ignores)."
-    lower = [m for m in metrics if any(word in m.lower() for word in LOWER_IS_BETTER)]
+    lower = [m for m in metrics if any(w in m.lower() for w in LOWER_IS_BETTER) and m not in TOKEN_TOTALS]
     if lower:
         lines[-1] += f" Lower is better for losses and perplexities ({', '.join(lower)})."
     if not any(r["status"] == "done" and r["sample"] != ZERO_SHOT for r in rows):

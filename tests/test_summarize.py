@@ -1,9 +1,9 @@
-"""scripts/summarize_sweep.py on hand-made job directories, and on a real two-job multirun of the tiny model."""
+"""`qtuning.summarize`, the sweep summary: on hand-made job directories, and on a real two-job multirun of the tiny
+model."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import runpy
@@ -14,11 +14,8 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.conftest import ROOT, TINY_OVERRIDES
-
-spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "scripts" / "summarize_sweep.py")
-summarize = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(summarize)
+from qtuning import summarize
+from tests.conftest import TINY_OVERRIDES
 
 BUDGETS = {"s25_t50": (0.25, 0.5), "s12_t70": (0.125, 0.7), "full": (1.0, 1.0)}
 
@@ -170,6 +167,21 @@ def test_default_metrics_add_task_metrics():
     assert summarize.default_metrics(rows) == ["val/loss", "val/ppl", "arc_easy/acc"]
 
 
+def test_token_totals_are_default_columns_in_whole_numbers(tmp_path):
+    for job, fwd in (
+        (make_job(tmp_path, "0", "combo:random:random", "s25_t50", 2.0), 217),
+        (make_job(tmp_path, "1", "none", "s25_t50", 1.5), 48000),
+    ):
+        metrics = json.loads((job / "metrics.json").read_text())
+        (job / "metrics.json").write_text(json.dumps({**metrics, "prune/fwd_tokens_total": fwd}))
+    metrics = summarize.default_metrics(summarize.collect(tmp_path))
+    assert metrics == ["val/loss", "val/ppl", "prune/fwd_tokens_total"]  # the other totals: no job has them
+    lines = table_lines(tmp_path, metrics)
+    assert "| Random | Random | 1 | 2.000 (— / +0.500) | 4.000 (— / +1.000) | 217 (— / −47,783) |" in lines
+    assert "| Full data | — | 1 | 1.500 (−0.500 / —) | 3.000 (−1.000 / —) | 48,000 (+47,783 / —) |" in lines
+    assert lines[-1].endswith("Lower is better for losses and perplexities (val/loss, val/ppl).")  # not for counts
+
+
 @pytest.mark.parametrize("make", [False, True], ids=["no-such-dir", "empty-dir"])
 def test_bad_sweep_dir_one_clear_line(tmp_path, capsys, make):
     sweep = tmp_path / "sweep"
@@ -191,7 +203,7 @@ def test_real_multirun_summarized(tmp_path, monkeypatch, capsys):
     handlers, level = root.handlers[:], root.level
     GlobalHydra.instance().clear()
     try:
-        runpy.run_module("qtuning.train", run_name="__main__")  # as `python -m`: Hydra finds conf/ from the file
+        runpy.run_module("qtuning.train", run_name="__main__")  # as `python -m qtuning.train`
     finally:  # Hydra configured logging for its jobs: give the root logger back to pytest
         GlobalHydra.instance().clear()
         for handler in set(root.handlers) - set(handlers):
