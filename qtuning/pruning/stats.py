@@ -16,10 +16,11 @@ from torch import Tensor
 
 from qtuning import IGNORE_INDEX
 
-# Largest chunk of logits (elements) materialised at once: 2**25 on a CPU (128 MiB in fp32; a few such temporaries
-# live together), 2**26 on CUDA (about 512 positions of a 128k vocabulary). Large enough that the LM head's matmuls run
-# efficiently and that the fused loss adds its [V, H] weight gradient up a few dozen times per step, not hundreds.
-MAX_CHUNK_ELEMENTS = {"cpu": 2**25, "cuda": 2**26}
+# Largest chunk of logits (elements) materialised at once: 2**24 on a CPU (64 MiB in fp32; a few such temporaries live
+# together; measured fastest of 2**22 to 2**26 at 128k vocabularies), 2**26 on CUDA (about 512 positions of a 128k
+# vocabulary). Large enough that the LM head's matmuls run efficiently and that the fused loss adds its [V, H] weight
+# gradient up a few dozen times per step, not hundreds.
+MAX_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**26}
 
 
 def chunk_positions(vocab_size: int, device: torch.device) -> int:
