@@ -1,4 +1,5 @@
 # Sourced by table1.sh and reasoning.sh: their checks, and the run itself (zero-shot, multirun, summary).
+# Both end in `reproduce`; what differs between them is its arguments.
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
 
@@ -38,4 +39,30 @@ run_grid() {
     "$PYTHON" -m qtuning.summarize "$OUT" --out "$OUT/summary" --plot --metrics $metrics \
         train/loss_tokens_total prune/fwd_tokens_total prune/bwd_tokens_total
     return "$status"
+}
+
+# reproduce NAME MODELS DATA_VAR DATA_WHAT SWEEP DATA_GROUP EVAL_PRESET "METRICS" [training overrides...]:
+# check the environment (MODEL one of the words of MODELS, MODEL_PATH a directory, the variable named DATA_VAR an
+# existing file, EVAL_DATA a directory if set), then run_grid into OUT (default logs/reproduce/NAME_$MODEL).
+reproduce() {
+    local name=$1 models=$2 data_var=$3 data_what=$4 sweep=$5 data=$6 preset=$7 metrics=$8
+    shift 8
+    MODEL=${MODEL:-}
+    [[ -n "$MODEL" ]] || die "set MODEL to one of: $models (the models of the paper's $name grid)"
+    [[ " $models " == *" $MODEL "* ]] || die "MODEL=$MODEL: the paper's $name grid has $models (conf/model/)"
+    [[ -n "${MODEL_PATH:-}" ]] || die "set MODEL_PATH to a local copy of the base model"
+    [[ -d "$MODEL_PATH" ]] || die "MODEL_PATH=$MODEL_PATH is not a directory (runs are offline: a local copy is needed)"
+    local data_path=${!data_var:-}
+    [[ -n "$data_path" ]] || die "set $data_var to $data_what"
+    [[ -e "$data_path" ]] || die "$data_var=$data_path does not exist"
+    if [[ -n "${EVAL_DATA:-}" ]]; then
+        [[ -d "$EVAL_DATA" ]] || die "EVAL_DATA=$EVAL_DATA is not a directory"
+    fi
+    refuse_multi_gpu "$@"
+    OUT=${OUT:-logs/reproduce/${name}_$MODEL}
+    ZERO_SHOT=${ZERO_SHOT:-1}
+    PYTHON=${PYTHON:-python}
+    read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
+    EVAL_ARGS=(eval="$preset" eval.device=cuda ${EVAL_DATA:+"eval.data_dir=$EVAL_DATA"} ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
+    run_grid "$sweep" "$data" "$data_path" "$metrics" "$@"
 }

@@ -23,25 +23,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 source scripts/reproduce/common.sh
-MODEL=${MODEL:-}
-case "$MODEL" in
-    llama3_8b | mistral_7b | smollm2_1_7b) ;;
-    "") die "set MODEL=llama3_8b, mistral_7b or smollm2_1_7b (the models of the paper's reasoning table)" ;;
-    *) die "MODEL=$MODEL: the reasoning table has llama3_8b, mistral_7b and smollm2_1_7b (conf/model/)" ;;
-esac
-[[ -n "${MODEL_PATH:-}" ]] || die "set MODEL_PATH to a local copy of the base model (e.g. meta-llama/Meta-Llama-3-8B)"
-[[ -d "$MODEL_PATH" ]] || die "MODEL_PATH=$MODEL_PATH is not a directory (runs are offline: a local copy is needed)"
-[[ -n "${MATHINSTRUCT:-}" ]] || die "set MATHINSTRUCT to the MathInstruct training file (alpaca-format json)"
-[[ -e "$MATHINSTRUCT" ]] || die "MATHINSTRUCT=$MATHINSTRUCT does not exist"
-if [[ -n "${EVAL_DATA:-}" ]]; then
-    [[ -d "$EVAL_DATA" ]] || die "EVAL_DATA=$EVAL_DATA is not a directory"
-fi
-
-refuse_multi_gpu "$@"
-
-OUT=${OUT:-logs/reproduce/reasoning_$MODEL}
-ZERO_SHOT=${ZERO_SHOT:-1}
-PYTHON=${PYTHON:-python}
-read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
-EVAL_ARGS=(eval=paper_reasoning eval.device=cuda ${EVAL_DATA:+"eval.data_dir=$EVAL_DATA"} ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
-run_grid reasoning mathinstruct "$MATHINSTRUCT" "gsm8k/exact_match math/exact_match" "$@"
+reproduce reasoning "llama3_8b mistral_7b smollm2_1_7b" MATHINSTRUCT "the MathInstruct training file (alpaca-format \
+json)" reasoning mathinstruct paper_reasoning "gsm8k/exact_match math/exact_match" "$@"

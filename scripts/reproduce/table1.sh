@@ -23,25 +23,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 source scripts/reproduce/common.sh
-MODEL=${MODEL:-}
-case "$MODEL" in
-    llama2_7b | mistral_7b) ;;
-    "") die "set MODEL=llama2_7b or MODEL=mistral_7b (the models of the paper's Table 1)" ;;
-    *) die "MODEL=$MODEL: Table 1 has llama2_7b and mistral_7b (conf/model/)" ;;
-esac
-[[ -n "${MODEL_PATH:-}" ]] || die "set MODEL_PATH to a local copy of the base model (e.g. mistralai/Mistral-7B-v0.1)"
-[[ -d "$MODEL_PATH" ]] || die "MODEL_PATH=$MODEL_PATH is not a directory (runs are offline: a local copy is needed)"
-[[ -n "${WIZARD:-}" ]] || die "set WIZARD to the WizardLM training file (alpaca-format json: instruction, input, output)"
-[[ -e "$WIZARD" ]] || die "WIZARD=$WIZARD does not exist"
-if [[ -n "${EVAL_DATA:-}" ]]; then
-    [[ -d "$EVAL_DATA" ]] || die "EVAL_DATA=$EVAL_DATA is not a directory"
-fi
-
-refuse_multi_gpu "$@"
-
-OUT=${OUT:-logs/reproduce/table1_$MODEL}
-ZERO_SHOT=${ZERO_SHOT:-1}
-PYTHON=${PYTHON:-python}
-read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
-EVAL_ARGS=(eval=paper_general eval.device=cuda ${EVAL_DATA:+"eval.data_dir=$EVAL_DATA"} ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
-run_grid table1 wizardlm "$WIZARD" "arc_easy/acc arc_challenge/acc gsm8k/exact_match squad2/f1 triviaqa/exact_match" "$@"
+reproduce table1 "llama2_7b mistral_7b" WIZARD "the WizardLM training file (alpaca-format json: instruction, input, \
+output)" table1 wizardlm paper_general "arc_easy/acc arc_challenge/acc gsm8k/exact_match squad2/f1 triviaqa/exact_match" "$@"
