@@ -12,6 +12,8 @@ import torch
 
 from tests.conftest import run_cli, tiny_cli_args
 
+pytestmark = pytest.mark.slow  # subprocess runs
+
 CASES = {
     "qtuning-local": ["pruner=qtuning"],
     "qtuning-global": ["pruner=qtuning", "pruner.threshold_scope=global"],

@@ -93,6 +93,7 @@ def run_eval_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_eval_cli_prints_accuracies_and_writes_metrics(tmp_path):
     result = run_eval_cli(tmp_path, "eval=arc", "eval.limit=2", f"eval.data_dir={EVAL_FIXTURES}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,6 +103,7 @@ def test_eval_cli_prints_accuracies_and_writes_metrics(tmp_path):
     assert "arc_easy/acc" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_eval_multirun_runs_every_job(tmp_path):
     """A multirun names its job directories through the short_dirname resolver, which the eval entry point must
     register too (it used to fail at once with UnsupportedInterpolationType)."""
@@ -124,6 +126,7 @@ def test_eval_multirun_runs_every_job(tmp_path):
         (["checkpoint=/nonexistent/run"], r"error: checkpoint=/nonexistent/run"),
     ],
 )
+@pytest.mark.slow
 def test_eval_cli_bad_input_is_one_line(tmp_path, args, message):
     result = run_eval_cli(tmp_path, *args)
     assert result.returncode == 2, result.stderr[-3000:]

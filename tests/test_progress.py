@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qtuning.progress import progress_line
 from tests.conftest import ROOT, TINY_OVERRIDES
 
@@ -21,6 +23,7 @@ def test_progress_line_text():
     assert progress_line(7, None, 2.0, None, 3.4, 7) == "step 7 | loss 2.0000 | elapsed 0:00:03"
 
 
+@pytest.mark.slow
 def test_redirected_output_gets_a_progress_line_every_n_steps(tmp_path: Path):
     overrides = [o for o in TINY_OVERRIDES if not o.startswith(("callbacks=", "trainer.max_steps="))]
     run_dir = tmp_path / "run"

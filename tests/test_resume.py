@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from qtuning import TOKEN_TOTALS
 from tests.conftest import ROOT, TINY_OVERRIDES
 
+pytestmark = pytest.mark.slow  # subprocess runs
+
 # 40 training rows in batches of 4: 10 steps an epoch, so 14 steps cross an epoch boundary.
 RUN = [
     *[o for o in TINY_OVERRIDES if not o.startswith(("logger=", "callbacks=", "save_model="))],

