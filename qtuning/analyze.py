@@ -53,9 +53,11 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
     samples, pruned_rows = [], []
     for batch in tqdm(datamodule.predict_dataloader(cfg.num_samples), desc="scoring", unit="batch"):
-        stats = scoring_forward(model, batch)
+        stats = policy.enrich(model, batch, scoring_forward(model, batch))
         decision = policy.select(stats)
-        ppl, ent = stats.sample_ppl(), stats.sample_entropy(getattr(policy, "entropy_scope", "nonpad"))
+        if decision.ppl is None:
+            raise QTuningError(f"pruner={type(policy).__name__} places no sample on the EU plane; use pruner=qtuning")
+        ppl, ent = decision.ppl, decision.entropy  # the EU coordinates the decision was made from
         for row in range(stats.batch_size):
             index = int(batch["sample_idx"][row])
             kept = bool(decision.sample_keep[row])

@@ -93,11 +93,10 @@ class EUPlaneDashboard(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stats: BatchStats | None = getattr(pl_module, "last_stats", None)
-        decision: PruneDecision | None = getattr(pl_module, "last_decision", None)
+        """``outputs`` is what the training step made (`SFTModule.training_step`): its statistics and decision."""
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         step = trainer.global_step
-        if not loggers or stats is None or decision is None or decision.quadrant is None or not trainer.is_global_zero:
+        if not loggers or not outputs or outputs["decision"].quadrant is None or not trainer.is_global_zero:
             return
         if step % self.plot_every_n_steps != 0 or step == self._last_plotted_step:
             return
@@ -105,8 +104,8 @@ class EUPlaneDashboard(Callback):
         import wandb
 
         logger = loggers[0]
-        scope = getattr(pl_module.policy, "entropy_scope", "nonpad")
-        ppl, ent = stats.sample_ppl().cpu(), stats.sample_entropy(scope).cpu()
+        stats, decision = outputs["stats"], outputs["decision"]
+        ppl, ent = decision.ppl.cpu(), decision.entropy.cpu()  # the EU coordinates the decision was made from
         quadrant, kept = decision.quadrant.cpu(), decision.sample_keep.cpu()
         fig = eu_plane_figure(ppl, ent, quadrant, kept, title=f"EU plane, step {step}")
         logger.log_image(key="prune/eu_plane", images=[figure_image(fig)], step=step)

@@ -25,10 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from qtuning.config import check_config, config_dir
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
-from qtuning.evaluation.data import TASKS, metric_key, prepare_tasks
+from qtuning.evaluation.data import TASKS, check_tasks, metric_key, prepare_tasks
 from qtuning.loggers import build_loggers, finish_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.outputs import write_atomic
+from qtuning.pruning.passes import base_model
 
 log = logging.getLogger("qtuning.eval")
 
@@ -44,7 +45,7 @@ def merged_for_eval(model: torch.nn.Module, device: str | None = None) -> Iterat
         model.merge_adapter()
     model.eval().to(device)
     try:
-        yield model.get_base_model() if is_peft else model
+        yield base_model(model)
     finally:
         if is_peft:
             model.unmerge_adapter()
@@ -82,6 +83,13 @@ def call_groups(
     return groups
 
 
+def check_eval(eval_cfg: DictConfig) -> None:
+    """What `evaluate` would refuse, before any model loads and without writing anything (see `check_tasks`)."""
+    names = list(eval_cfg.tasks)
+    check_tasks(names, eval_cfg.get("data_dir"), eval_cfg.get("max_gen_toks"))
+    call_groups(names, eval_cfg.limit, eval_cfg.get("limits"), eval_cfg.get("chat_template", False))
+
+
 def evaluate(model: torch.nn.Module, tokenizer: Any, eval_cfg: DictConfig, cache_dir: str, work_dir: Path) -> dict:
     """Run ``eval_cfg.tasks`` through lm-eval on ``model``; metrics and their standard errors, flat."""
     from lm_eval import simple_evaluate
@@ -89,7 +97,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, eval_cfg: DictConfig, cache
     from lm_eval.tasks import TaskManager
 
     names = list(eval_cfg.tasks)
-    include = prepare_tasks(names, work_dir / "lm_eval_tasks", cache_dir, eval_cfg.get("data_dir"))
+    include = prepare_tasks(
+        names, work_dir / "lm_eval_tasks", cache_dir, eval_cfg.get("data_dir"), eval_cfg.get("max_gen_toks")
+    )
     task_manager = TaskManager(include_path=str(include), include_defaults=False)  # 12 s saved: no built-ins
     groups = call_groups(names, eval_cfg.limit, eval_cfg.get("limits"), eval_cfg.get("chat_template", False))
     started = time.time()
@@ -151,6 +161,7 @@ def log_to_loggers(loggers: list[Any], metrics: dict[str, float], step: int = 0)
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_config(cfg)
+    check_eval(cfg.eval)  # unknown tasks or missing data fail before the model loads
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(cfg)

@@ -2,7 +2,7 @@
 
 Per training step:
 1. ``BatchStats`` of the batch: masks only, or, when the policy needs scores, a no-grad scoring forward.
-2. ``decision = policy.select(stats)``.
+2. ``decision = policy.select(policy.enrich(model, batch, stats))``.
 3. Forward + backward over the kept rows only, re-padded to their own longest length (the compute saving).
 4. Loss ``Σ ce·w / max(1, Σ w)``, token-normalised across gradient accumulation and devices: the step returns the
    sum ``Σ ce·w`` and the gradients are divided by the window's ``Σ w`` just before the optimizer step.
@@ -80,9 +80,6 @@ class SFTModule(LightningModule):
         self.token_totals = dict.fromkeys(TOKEN_TOTALS, 0)  # checkpointed: a resumed run ends with the same totals
         self.total_steps: int | None = None  # optimizer steps of the whole run as planned (the LR schedule's length)
         self._step_started: float | None = None
-        self.last_stats: BatchStats | None = None
-        self.last_decision: PruneDecision | None = None
-        self.last_row_losses: tuple[Tensor, Tensor] | None = None  # ([K] sample_idx, [K] mean loss) of the last step
 
     # ---- training ---------------------------------------------------------------------------------------------
 
@@ -98,7 +95,8 @@ class SFTModule(LightningModule):
         if self.policy.needs_scores and self.policy.scoring == "shared":
             hidden = final_hidden_states(self.model, batch)  # [B, T, H]
             stats = BatchStats.from_hidden_states(hidden, head, head.vocab_size, labels, mask, batch["sample_idx"])
-            decision = self.policy.select_batch(self.model, batch, stats)
+            stats = self.policy.enrich(self.model, batch, stats)
+            decision = self.policy.select(stats)
             rows = torch.arange(stats.batch_size, device=hidden.device)
             weight = decision.token_keep.float()  # [B, T-1]
             loss_sum, ce = token_loss(hidden, head, labels, mask, self.loss_weight(weight, decision, rows))
@@ -107,7 +105,8 @@ class SFTModule(LightningModule):
             stats = scoring_forward(self.model, batch)
         else:
             stats = BatchStats.from_masks(labels, mask, batch["sample_idx"])
-        decision = self.policy.select_batch(self.model, batch, stats)
+        stats = self.policy.enrich(self.model, batch, stats)
+        decision = self.policy.select(stats)
         rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
         if rows.numel() == 0:
             # Nothing kept here (a global decision may leave a device nothing): one row goes through with weight 0,
@@ -128,13 +127,13 @@ class SFTModule(LightningModule):
         the loss, not the token count of the denominator."""
         return weight if decision.loss_scale is None else weight * decision.loss_scale[rows, None]
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
+        """The loss sum of the micro-batch, and what the step made for callbacks (`on_train_batch_end`'s
+        ``outputs``): ``stats``, ``decision``, and ``row_losses`` (``[K]`` sample_idx, ``[K]`` mean loss of each
+        kept row, what dataset-level pruners such as InfoBatch score samples by)."""
         if self._step_started is None:
             self._step_started = time.perf_counter()
         loss_sum, ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
-        # each row's mean loss over the positions that count: what dataset-level pruners (InfoBatch) score samples by
-        row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
-        self.last_row_losses = (batch["sample_idx"][rows], row_loss)
         if not torch.isfinite(loss_sum):
             return self.skip_nonfinite(batch_idx)
         self.bad_steps_in_a_row = 0
@@ -143,7 +142,6 @@ class SFTModule(LightningModule):
         self._window_input_tokens += int(batch["attention_mask"].sum())
         bwd_tokens = ce.shape[0] * (ce.shape[1] + 1)
         self._window_positions = [self._window_positions[0] + fwd_tokens, self._window_positions[1] + bwd_tokens]
-        self.last_stats, self.last_decision = stats, decision  # for the dashboard callback
         self.log_dict(
             {
                 "prune/kept_samples": decision.sample_keep.float().mean(),
@@ -157,8 +155,10 @@ class SFTModule(LightningModule):
             on_epoch=False,
             batch_size=stats.batch_size,
         )
-        # Lightning divides the returned value by accumulate_grad_batches; on_before_optimizer_step undoes that.
-        return loss_sum
+        row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
+        # Lightning divides the loss by accumulate_grad_batches; on_before_optimizer_step undoes that.
+        row_losses = (batch["sample_idx"][rows], row_loss)
+        return {"loss": loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
 
     def skip_nonfinite(self, batch_idx: int) -> None:
         """A non-finite loss: no backward pass, nothing accumulated (returning None skips the micro-batch)."""
@@ -241,7 +241,7 @@ class SFTModule(LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        self.total_steps = self.planned_steps()
+        self.total_steps = self.planned_total_steps()
         if self.scheduler_factory is None:
             return optimizer
         if self.total_steps is None:
@@ -249,26 +249,27 @@ class SFTModule(LightningModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def planned_steps(self) -> int | None:
-        """Optimizer steps of the whole run: per epoch, its planned batches over the accumulation (Lightning steps
-        at an epoch's end even when the window is short), capped by max_steps. Not `estimated_stepping_batches`:
-        that builds a train loader early, and a resumed run could then not restore the loader's position."""
+    def planned_total_steps(self) -> int | None:
+        """The run's length in optimizer steps, the one place it is answered: the steps taken so far, plus for this
+        epoch (from where it stands) and every later one its planned batches over the accumulation (Lightning steps
+        at an epoch's end even when the window is short), capped by max_steps; None without any limit.
+
+        Not `estimated_stepping_batches`: that builds a train loader early, and a resumed run could then not restore
+        the loader's position."""
         trainer = self.trainer
-        batches = getattr(trainer.datamodule, "batches_per_epoch", lambda: None)()
+        batches = trainer.datamodule.planned_batches(trainer.current_epoch)
         if batches is None:  # no epoch limit
             return trainer.max_steps if trainer.max_steps > 0 else None
-        total = sum(math.ceil(b / trainer.accumulate_grad_batches) for b in batches)
+        if batches:
+            batches[0] -= trainer.datamodule.batches_trained()  # a resumed epoch counts from where it stopped
+        total = trainer.global_step + sum(math.ceil(b / trainer.accumulate_grad_batches) for b in batches)
         return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
 
     def on_train_epoch_start(self) -> None:
         """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the run's end, and the
-        schedule's, moves to the optimizer steps taken so far plus those this epoch and the planned ones will take."""
-        remaining = getattr(self.trainer.datamodule, "remaining_batches", lambda: None)()
-        if remaining is None:
-            return
-        total = self.trainer.global_step + math.ceil(remaining / self.trainer.accumulate_grad_batches)
-        self.total_steps = min(total, self.trainer.max_steps) if self.trainer.max_steps > 0 else total
+        schedule's, moves with the plan of the epoch starting now."""
+        self.total_steps = self.planned_total_steps()
         schedulers = self.lr_schedulers()
         scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
-        if hasattr(scheduler, "total_steps"):
+        if self.total_steps is not None and hasattr(scheduler, "total_steps"):
             scheduler.total_steps = self.total_steps

@@ -1,7 +1,7 @@
 """The allowed range of every number a user can set, by config group and key, checked before anything is loaded.
 
 A key names a leaf by its path inside its group, and also matches that path below any sub-node: ``pruner``'s
-``token_keep_ratio`` is ``pruner.token_keep_ratio`` and, under ``pruner=combo``, ``pruner.token.token_keep_ratio``;
+``r_token`` is ``pruner.r_token`` and, under ``pruner=combo``, ``pruner.token.r_token``;
 ``*`` matches any key (``eval.limits.<task>``). Top-level keys (group ``""``) match only themselves.
 """
 
@@ -100,9 +100,8 @@ RANGES: dict[str, dict[str, Range | Either]] = {
     "optimizer": {"lr": POSITIVE, "weight_decay": NONNEG, "eps": POSITIVE, "momentum": NONNEG, "betas.*": BELOW_ONE},
     "scheduler": {"warmup_ratio": BELOW_ONE, "min_lr_ratio": UNIT},
     "pruner": {
-        "sample_keep_ratio": SHARE,
-        "token_keep_ratio": SHARE,
         "r_sample": SHARE,
+        "r_token": SHARE,
         "seed": SEED,
         "lam": UNIT,
         "q_max": Range(0, 0.5, low_open=True, high_open=True),
@@ -117,6 +116,7 @@ RANGES: dict[str, dict[str, Range | Either]] = {
         "batch_size": COUNT,
         "max_length": COUNT,
         "bootstrap_iters": NONNEG_INT,
+        "max_gen_toks.*": COUNT,
     },
     "model": {
         "lora.r": COUNT,

@@ -16,17 +16,16 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from qtuning.checkpoints import check_checkpoint
 from qtuning.config import check_config, config_dir, instantiate_key
+from qtuning.data.plan import EpochPlanner
 from qtuning.errors import exit_on_bad_input, run_cli
-from qtuning.eval import call_groups, evaluate, log_to_loggers
-from qtuning.evaluation.data import prepare_tasks
+from qtuning.eval import check_eval, evaluate, log_to_loggers
 from qtuning.loggers import build_loggers, describe_wandb, finish_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule
 from qtuning.outputs import save_hf_model, write_atomic
 from qtuning.pruning import PruningPolicy
-from qtuning.resume import SaveOnInterrupt, resolve_resume
+from qtuning.resume import SaveOnInterrupt, check_checkpoint, resolve_resume
 
 log = logging.getLogger("qtuning.train")
 
@@ -43,8 +42,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if resume_from:
         check_checkpoint(resume_from)  # a damaged file fails now, not after the data and the model are loaded
     if cfg.get("eval"):  # unknown tasks or missing evaluation data fail now, not after training
-        prepare_tasks(list(cfg.eval.tasks), output_dir / "lm_eval_tasks", cfg.paths.cache_dir, cfg.eval.get("data_dir"))
-        call_groups(list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.get("limits"), cfg.eval.get("chat_template"))
+        check_eval(cfg.eval)
 
     tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
     datamodule = instantiate_key(cfg.data, "data", tokenizer=tokenizer)
@@ -60,8 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
     callbacks.append(SaveOnInterrupt(str(checkpoint_dir)))
-    if policy.sample_pruner is not None:  # a dataset-level sample pruner plans each epoch's samples
-        datamodule.planner = policy
+    datamodule.connect(policy if isinstance(policy, EpochPlanner) else None)  # who plans each epoch's samples
     loggers = build_loggers(cfg)
     try:
         # Every epoch gets its own loader, which splits the data across processes itself (EpochSampler).

@@ -43,7 +43,7 @@ from hydra import compose, initialize_config_dir
 from qtuning.config import config_dir
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule
-from qtuning.pruning import BatchStats, NoPruning, QTuningPolicy, shift_targets, token_loss
+from qtuning.pruning import BatchStats, NoPruning, PruneDecision, QTuningPolicy, shift_targets, token_loss
 from qtuning.pruning.passes import final_hidden_states, output_head, scoring_forward, select_rows
 
 ROOT = Path(__file__).resolve().parents[1]  # where `python -m scripts.bench_step` finds this file (memory probes)
@@ -110,7 +110,12 @@ class Bench:
             "separate": SFTModule(self.model, self.policy, optimizer=torch.optim.AdamW),
         }
         with self.autocast():
-            self.kept_rows = self.policy.select(scoring_forward(self.model, self.batch)).sample_keep.nonzero()[:, 0]
+            decision = self.decide(self.policy, scoring_forward(self.model, self.batch))
+        self.kept_rows = decision.sample_keep.nonzero()[:, 0]
+
+    def decide(self, policy: QTuningPolicy, stats: BatchStats) -> PruneDecision:
+        """A decision as the training step makes it: `enrich`, then `select`."""
+        return policy.select(policy.enrich(self.model, self.batch, stats))
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
@@ -166,9 +171,9 @@ class Bench:
             elif mode == "shared":
                 logits, ce = logits_cross_entropy(self.model, batch)
                 stats = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"])
-                weight = self.shared_policy.select(stats).token_keep.float()
+                weight = self.decide(self.shared_policy, stats).token_keep.float()
             else:  # separate: the scoring pass was chunked already; the kept rows' training forward was not
-                decision = self.policy.select(scoring_forward(self.model, batch))
+                decision = self.decide(self.policy, scoring_forward(self.model, batch))
                 rows = decision.sample_keep.nonzero()[:, 0]
                 kept = select_rows(batch, rows)
                 ce = logits_cross_entropy(self.model, kept)[1]

@@ -35,7 +35,7 @@ from qtuning.config import config_dir
 from qtuning.data import SFTDataModule, iter_rows, to_messages
 from qtuning.models import build_model, build_tokenizer
 from qtuning.pruning.passes import scoring_forward
-from qtuning.pruning.qtuning import FILL_UP_RULES, triage
+from qtuning.pruning.qtuning import FILL_UP_RULES, TriageSettings, triage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def keep_rates(
     for _ in range(repeats):
         order = torch.randperm(len(scores["kind"]), generator=gen)[:n].view(-1, batch_size)
         for rows in order:
-            result = triage(scores["ppl"][rows], entropy[rows], ratio, fill_up_rule=rule, ppl_guard=guard)
+            result = triage(scores["ppl"][rows], entropy[rows], TriageSettings(ratio, fill_up=rule, ppl_guard=guard))
             kinds = scores["kind"][rows]
             seen += torch.bincount(kinds, minlength=len(KINDS))
             kept += torch.bincount(kinds[result.kept], minlength=len(KINDS))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtuning.checkpoints import check_checkpoint
 from qtuning.errors import QTuningError
+from qtuning.resume import check_checkpoint
 from tests.conftest import TINY_DATA, run_cli, tiny_cli_args
 
 GOOD_ROW = '{"prompt": "What is 1 + 1?", "completion": "2"}'
@@ -103,6 +103,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("bad_file", "overrides", "expected"), CASES)
 def test_bad_input_is_one_clear_error_line(tmp_path: Path, bad_file, overrides, expected):
     path = ""
@@ -132,8 +133,8 @@ RANGE_CASES = {
         "pruner.sample.delta=1.5 must be in [0, 1]",
     ),
     "pruner.token": (
-        ["pruner=combo", "pruner.token.token_keep_ratio=0"],
-        "pruner.token.token_keep_ratio=0 must be in (0, 1]",
+        ["pruner=combo", "pruner.token.r_token=0"],
+        "pruner.token.r_token=0 must be in (0, 1]",
     ),
     "eval": (["eval.batch_size=0"], "eval.batch_size=0 must be an integer >= 1"),  # through qtuning.eval
     "model.lora": (["model.lora.r=0"], "model.lora.r=0 must be an integer >= 1"),
@@ -145,6 +146,7 @@ RANGE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "expected"), RANGE_CASES.values(), ids=RANGE_CASES.keys())
 def test_a_number_out_of_range_is_one_error_line_naming_the_key(tmp_path: Path, overrides, expected):
     if overrides[0].startswith("eval."):
@@ -158,6 +160,7 @@ def test_a_number_out_of_range_is_one_error_line_naming_the_key(tmp_path: Path, 
     assert error_lines(result) == [f"error: {expected}"]
 
 
+@pytest.mark.slow
 def test_skip_trains_on_the_good_rows_and_reports_the_bad_ones(tmp_path: Path):
     good = TINY_DATA.read_text().splitlines()
     long_row = '{"prompt": "Say x many times.", "completion": "' + "x" * 100 + '"}'  # past max_length=64

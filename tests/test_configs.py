@@ -28,7 +28,8 @@ GROUPS = [
     "experiment",
     "sweep",
 ]
-GROUPS += ["debug"]
+GROUPS += ["debug", "batch"]
+ADDED = {"batch"}  # groups outside train.yaml's defaults list: added with +group=option
 ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
 
 
@@ -38,7 +39,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes(tmp_path, group, option):
-    cfg = compose_train([f"{group}={option}"], tmp_path)
+    cfg = compose_train([f"{'+' if group in ADDED else ''}{group}={option}"], tmp_path)
     assert cfg.model.name and cfg.trainer._target_
     missing = sorted(OmegaConf.missing_keys(cfg))  # the values a user must give: the data file of a data option
     assert set(missing) <= {"data.path", "data.format"}
@@ -70,7 +71,7 @@ OUT_OF_RANGE = {
     "+optimizer.betas=[0.9,1.0]": "optimizer.betas.1=1.0 must be in [0, 1)",
     "model.architecture.hidden_size=0": "model.architecture.hidden_size=0 must be an integer >= 1 or null",
     "eval=mini eval.limits.squad2=0": "eval.limits.squad2=0 must be > 0 or null",
-    "budget.r_sample=0.5 pruner.sample_keep_ratio=0": "pruner.sample_keep_ratio=0 must be in (0, 1]",
+    "budget.r_sample=0.5 pruner.r_sample=0": "pruner.r_sample=0 must be in (0, 1]",
 }
 
 

@@ -89,7 +89,7 @@ class RecordStats(Callback):
         self.steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats = pl_module.last_stats
+        stats = outputs["stats"]
         for tensor in (stats.token_nll, stats.token_entropy, stats.ref_nll):
             if tensor is not None:
                 self.dtypes.add(tensor.dtype)

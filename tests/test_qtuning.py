@@ -11,6 +11,7 @@ from qtuning.pruning import BatchStats
 from qtuning.pruning.qtuning import (
     QTuningPolicy,
     Triage,
+    TriageSettings,
     band_masks,
     bisect_bands,
     fill_up,
@@ -39,7 +40,7 @@ def test_band_membership_for_a_given_q():
 
 def test_bisection_moves_one_band_width_until_the_fraction_is_hit():
     # q = .245 keeps 3/8 (> .25, tighten); q = .1225 keeps {7} and {0} = 2/8, within tolerance: stop.
-    q2, q4, q = bisect_bands(PPL, ENT, r_sample=0.25)
+    q2, q4, q = bisect_bands(PPL, ENT, 0.25, TriageSettings(0.25))
     assert q == pytest.approx(0.1225)
     assert idx(q2) == [7] and idx(q4) == [0]
 
@@ -47,7 +48,7 @@ def test_bisection_moves_one_band_width_until_the_fraction_is_hit():
 @pytest.mark.parametrize(("ratio", "k"), [(0.125, 1), (0.25, 2), (0.5, 4)])
 def test_kept_set_reaches_k_for_b8(ratio, k):
     # Constant scores: the bands are empty at every q, so the fill-up alone supplies K samples.
-    result = triage(torch.ones(8), torch.ones(8), ratio)
+    result = triage(torch.ones(8), torch.ones(8), TriageSettings(ratio))
     assert int(result.kept.sum()) == k
     assert idx(result.kept) == list(range(k))  # all ties: lower index first
 
@@ -57,7 +58,7 @@ def test_fill_up_order_and_q2_like_tagging():
     ent = torch.tensor([5.0, 1, 3, 2, 4])
     # ppl_n = [0, .25, .5, .75, 1], ent_n = [1, 0, .5, .25, .75], |diff| = [1, .25, 0, .5, .25].
     kept = torch.tensor([False, False, True, False, False])
-    new_kept, q2like, added = fill_up(ppl, ent, kept, torch.zeros(5, dtype=torch.bool), k=4)
+    new_kept, q2like, added = fill_up(ppl, ent, kept, torch.zeros(5, dtype=torch.bool), k=4, rule="minmax")
     assert added == 3
     assert idx(new_kept) == [0, 1, 2, 3]  # 0 (1.0), 3 (.5), then 1 before 4 on the .25 tie
     assert idx(q2like) == [1, 3]  # ppl_n >= ent_n; sample 0 is Q4-like
@@ -65,12 +66,12 @@ def test_fill_up_order_and_q2_like_tagging():
 
 def test_no_truncation_above_k():
     # r = .125 gives K = 1, but the bands hold {7} and {0} at every q > 0: both stay.
-    result = triage(PPL, ENT, 0.125)
+    result = triage(PPL, ENT, TriageSettings(0.125))
     assert idx(result.kept) == [0, 7] and result.filled == 0
 
 
 def test_fill_up_switch_off_keeps_only_the_bands():
-    result = triage(torch.ones(8), torch.ones(8), 0.5, fill_up_rule="none")
+    result = triage(torch.ones(8), torch.ones(8), TriageSettings(0.5, fill_up="none"))
     assert not result.kept.any()
 
 
@@ -144,7 +145,7 @@ def test_batch_budget_runs_out_of_q2_candidates_and_never_touches_q4():
     assert not dropped[1:].any()
 
 
-def test_token_keep_ratio_one_touches_no_token():
+def test_r_token_one_touches_no_token():
     # r_sample .25 would leave 24 - 6 - 12 = 6 tokens to drop, but r_token = 1 means no token pruning.
     assert not policy(0.25, 1.0).dropped_tokens(budget_stats(), kept_rows([True, True])).any()
 
@@ -203,8 +204,8 @@ def test_select_is_deterministic():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sample_keep_ratio": 0.0}, r"sample_keep_ratio=0.0 must be in \(0, 1\]"),
-        ({"token_keep_ratio": 1.5}, r"token_keep_ratio=1.5 must be in \(0, 1\]"),
+        ({"r_sample": 0.0}, r"r_sample=0.0 must be in \(0, 1\]"),
+        ({"r_token": 1.5}, r"r_token=1.5 must be in \(0, 1\]"),
         ({"lam": 2.0}, r"lam=2.0 must be in \[0, 1\]"),
         ({"token_budget": "row"}, r"token_budget='row' must be one of batch, per_sample"),
         ({"entropy_scope": "all"}, r"entropy_scope='all' must be one of nonpad, response"),
@@ -214,7 +215,7 @@ def test_select_is_deterministic():
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
-    args = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5, **kwargs}
+    args = {"r_sample": 0.25, "r_token": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         QTuningPolicy(**args)
 
@@ -236,7 +237,7 @@ RISING_ENT = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])
 def test_minmax_fill_up_takes_noise_from_q1():
     # ppl_n ≈ [0, .01, .02, .03, .04, .05, .06, 1], ent_n = [0, 1/7, ..., 1]: |diff| peaks at samples 6, 5, 4, 3.
     kept, _, added = fill_up(
-        OUTLIER_PPL, RISING_ENT, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), 4
+        OUTLIER_PPL, RISING_ENT, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), 4, "minmax"
     )
     assert idx(kept) == [3, 4, 5, 6] and added == 4
     assert (median_quadrants(OUTLIER_PPL, RISING_ENT)[kept] == 1).sum() == 3  # three of them above both medians
@@ -285,11 +286,11 @@ ANTI_ENT = torch.tensor([8.0, 7, 6, 5, 4, 3, 2, 1])
 def test_ppl_guard_sets_the_outlier_aside_and_measures_the_bands_on_the_rest():
     # No guard: q = .245 puts {6, 7} in Q2 and {0, 1} in Q4 (4/8); q = .1225 gives Q2 = {7} (PPL > 20.25, entropy
     # <= 1.8575) and Q4 = {0}: 2/8 = r_sample, kept.
-    plain = triage(OUTLIER_PPL, ANTI_ENT, 0.25)
+    plain = triage(OUTLIER_PPL, ANTI_ENT, TriageSettings(0.25))
     assert idx(plain.kept) == [0, 7] and idx(plain.band_q2) == [7] and idx(plain.guarded) == []
     # Guard 1/8: sample 7 set aside; on the other 7 the target is .25 · 8/7 = 2/7. q = .245 gives 4/7; q = .1225
     # gives Q2 = {6} (PPL > 6.265, entropy <= 2.735) and Q4 = {0} (PPL <= 1.735, entropy > 7.265): 2/7, kept.
-    guarded = triage(OUTLIER_PPL, ANTI_ENT, 0.25, ppl_guard=0.125)
+    guarded = triage(OUTLIER_PPL, ANTI_ENT, TriageSettings(0.25, ppl_guard=0.125))
     assert idx(guarded.guarded) == [7]
     assert idx(guarded.kept) == [0, 6] and idx(guarded.band_q2) == [6] and idx(guarded.q2like) == [6]
     assert guarded.band_q == pytest.approx(0.1225) and guarded.filled == 0
@@ -298,11 +299,11 @@ def test_ppl_guard_sets_the_outlier_aside_and_measures_the_bands_on_the_rest():
 def test_ppl_guard_keeps_k_through_the_fill_up():
     # Guard 1/4 sets aside 6 and 7. The other six agree on both axes, so no band holds anyone; the rank fill-up
     # wants K = 4 but never adds their Q1 (3, 4, 5: above both medians of the six).
-    result = triage(OUTLIER_PPL, RISING_ENT, 0.5, fill_up_rule="rank", ppl_guard=0.25)
+    result = triage(OUTLIER_PPL, RISING_ENT, TriageSettings(0.5, fill_up="rank", ppl_guard=0.25))
     assert idx(result.guarded) == [6, 7]
     assert idx(result.kept) == [0, 1, 2] and result.filled == 3
     # minmax fills from anywhere but the guarded rows: |ppl_n − ent_n| = 0 for all six, lower index first.
-    assert idx(triage(OUTLIER_PPL, RISING_ENT, 0.5, ppl_guard=0.25).kept) == [0, 1, 2, 3]
+    assert idx(triage(OUTLIER_PPL, RISING_ENT, TriageSettings(0.5, ppl_guard=0.25)).kept) == [0, 1, 2, 3]
 
 
 def test_policy_logs_the_guarded_count():

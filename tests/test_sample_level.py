@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from qtuning.data.plan import SampleInfo
 from qtuning.pruning import AllSamples, ComboPolicy, InfoBatch, NoPruning, RandomSubset, StaticScorePruner
-from qtuning.pruning.sample_level import SampleInfo, char_entropy, infobatch_plan, keep_extreme, keep_number
+from qtuning.pruning.base import keep_count
+from qtuning.pruning.sample_level import char_entropy, infobatch_plan, keep_extreme
 from qtuning.pruning.stats import BatchStats
 
 
@@ -24,7 +26,7 @@ def test_keep_extreme_with_ties_by_index():
     assert keep_extreme(scores, 0.4, largest=True).tolist() == [0, 4]
     assert keep_extreme(scores, 0.4, largest=False).tolist() == [1, 2]  # 2 at index 2 before 2 at index 3
     assert keep_extreme(scores, 0.01, largest=True).tolist() == [4]  # at least one sample
-    assert keep_number(5, 1.0) == 5 and keep_number(5, 0.01) == 1
+    assert keep_count(5, 1.0) == 5 and keep_count(5, 0.01) == 1
 
 
 def test_char_entropy_by_hand():
@@ -105,15 +107,15 @@ def test_infobatch_prunes_nothing_in_epoch_0_then_prunes_then_anneals():
     assert sorted(pruned.weights.tolist()) == [1.0] * 6 + [2.0] * 2
     annealed = pruner.plan(7, data, max_epochs)
     assert annealed.indices.tolist() == list(range(8)) and torch.equal(annealed.weights, torch.ones(8))
-    assert pruner.expected_sizes(7, data, max_epochs) == [8]
+    assert pruner.planned_sizes(7, data, max_epochs) == [8]
 
 
-def test_infobatch_expected_sizes_follow_the_current_epoch_until_annealing():
+def test_infobatch_planned_sizes_follow_the_current_epoch_until_annealing():
     data = info(8)
     pruner = InfoBatch(0.5, delta=0.5, seed=0)
     pruner.plan(0, data, 4)
     pruner.record(torch.arange(8), torch.tensor([4.0, 4, 4, 4, 0, 0, 0, 0]))
-    assert pruner.expected_sizes(1, data, 4) == [6, 8, 8]  # epoch 1 pruned to 6; epochs 2, 3 >= 0.5 · 4: full
+    assert pruner.planned_sizes(1, data, 4) == [6, 8, 8]  # epoch 1 pruned to 6; epochs 2, 3 >= 0.5 · 4: full
 
 
 def test_infobatch_state_resumes_inside_an_epoch():
@@ -128,14 +130,14 @@ def test_infobatch_state_resumes_inside_an_epoch():
     assert torch.equal(resumed.scores, pruner.scores)
     # a resumed trainer asks for the LR schedule's length from epoch 0 before it builds epoch 1's loader
     # (an estimate from the new scores, mean 1.5375: samples 2 and 3 above it, and 3 of the other 6)
-    assert resumed.expected_sizes(0, data, 3) == [5, 5, 5]
+    assert resumed.planned_sizes(0, data, 3) == [5, 5, 5]
     same = resumed.plan(1, data, 3)  # the plan of the epoch under way, not one from the new scores
     assert torch.equal(same.indices, plan.indices) and torch.equal(same.weights, plan.weights)
     assert torch.equal(resumed.plan(2, data, 3).indices, pruner.plan(2, data, 3).indices)
 
 
 def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match=r"sample_keep_ratio=0.0 must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"r_sample=0.0 must be in \(0, 1\]"):
         RandomSubset(0.0)
     with pytest.raises(ValueError, match=r"measure='words' must be one of"):
         StaticScorePruner(0.5, "words", "largest")
@@ -151,11 +153,11 @@ def test_combo_scales_the_loss_by_the_plan_weights():
     response = torch.ones(4, 3, dtype=torch.bool)
     stats = BatchStats(response_mask=response, nonpad_mask=response, sample_idx=torch.tensor([0, 5, 6, 7]))
     batch = {"sample_idx": stats.sample_idx}
-    first = policy.select_batch(torch.nn.Identity(), batch, stats)
+    first = policy.select(policy.enrich(torch.nn.Identity(), batch, stats))
     assert first.loss_scale is None and first.metrics["epoch_samples"] == 1.0  # epoch 0: all weights 1
     pruner.record(torch.arange(8), torch.tensor([4.0, 4, 4, 4, 0, 0, 0, 0]))
     plan = policy.epoch_plan(1, data, 3)
-    decision = policy.select_batch(torch.nn.Identity(), batch, stats)
+    decision = policy.select(policy.enrich(torch.nn.Identity(), batch, stats))
     assert torch.equal(decision.loss_scale, plan.weights[[0, 5, 6, 7]])
     assert decision.metrics["epoch_samples"] == 0.75  # 6 of 8
     assert torch.equal(decision.token_keep, response)  # the token pruner (none) decides the positions

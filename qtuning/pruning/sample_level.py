@@ -11,40 +11,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from qtuning.pruning.base import check_choice, check_ratio
-
-
-@dataclass
-class SampleInfo:
-    """What a static pruner may look at, one entry per training sample (dataset order)."""
-
-    response_tokens: Tensor  # [N] long: response (loss) tokens of each sample
-    instructions: list[str]  # the user turns of each sample, joined by newlines
-
-
-@dataclass
-class EpochPlan:
-    """The samples one epoch trains on and the loss weight of every sample."""
-
-    indices: Tensor  # [M] long, ascending: dataset indices used this epoch (the loader shuffles them)
-    weights: Tensor  # [N] fp32: per-sample loss weight (1 except InfoBatch's 1/r)
-
-
-def keep_number(n: int, ratio: float) -> int:
-    """max(1, round(N · ratio)) samples of N."""
-    return max(1, round(n * ratio))
+from qtuning.data.plan import EpochPlan, SampleInfo
+from qtuning.pruning.base import check_choice, check_ratio, keep_count
 
 
 def keep_extreme(scores: Tensor, ratio: float, largest: bool) -> Tensor:
-    """``[M]`` ascending indices of the keep_number(N, ratio) largest (or smallest) scores; ties: lower index first."""
+    """``[M]`` ascending indices of the keep_count(N, ratio) largest (or smallest) scores; ties: lower index first."""
     order = torch.sort(scores, descending=largest, stable=True).indices
-    return order[: keep_number(scores.numel(), ratio)].sort().values
+    return order[: keep_count(scores.numel(), ratio)].sort().values
 
 
 def char_entropy(text: str) -> float:
@@ -77,17 +56,17 @@ def infobatch_plan(scores: Tensor, ratio: float, generator: torch.Generator) -> 
 class SamplePruner(ABC):
     """Base class: ``plan(epoch, info, max_epochs)`` gives the epoch's samples; ``record`` sees training losses."""
 
-    def __init__(self, sample_keep_ratio: float, seed: int = 0) -> None:
-        self.r_sample = check_ratio("sample_keep_ratio", sample_keep_ratio)
+    def __init__(self, r_sample: float, seed: int = 0) -> None:
+        self.r_sample = check_ratio("r_sample", r_sample)
         self.seed = seed
 
     @abstractmethod
     def plan(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
         """The plan of ``epoch`` (0-based) of ``max_epochs``."""
 
-    def expected_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
+    def planned_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
         """Samples each epoch from ``epoch`` to the last is expected to use (for the LR schedule's length)."""
-        return [keep_number(len(info.instructions), self.r_sample)] * (max_epochs - epoch)
+        return [keep_count(len(info.instructions), self.r_sample)] * (max_epochs - epoch)
 
     def record(self, sample_idx: Tensor, losses: Tensor) -> None:
         """The mean training loss of each sample of a step (all devices); only loss-driven pruners use it."""
@@ -107,7 +86,7 @@ def full_weights(info: SampleInfo) -> Tensor:
 class AllSamples(SamplePruner):
     """Every sample, every epoch (``pruner/sample=none``)."""
 
-    def __init__(self, sample_keep_ratio: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, r_sample: float = 1.0, seed: int = 0) -> None:
         super().__init__(1.0, seed)
 
     def plan(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
@@ -119,7 +98,7 @@ class RandomSubset(SamplePruner):
 
     def plan(self, epoch: int, info: SampleInfo, max_epochs: int) -> EpochPlan:
         n = len(info.instructions)
-        drawn = torch.randperm(n, generator=epoch_generator(self.seed, epoch))[: keep_number(n, self.r_sample)]
+        drawn = torch.randperm(n, generator=epoch_generator(self.seed, epoch))[: keep_count(n, self.r_sample)]
         return EpochPlan(drawn.sort().values, full_weights(info))
 
 
@@ -132,8 +111,8 @@ class StaticScorePruner(SamplePruner):
 
     MEASURES = ("response_tokens", "instruction_chars", "instruction_entropy")
 
-    def __init__(self, sample_keep_ratio: float, measure: str, keep: str, seed: int = 0) -> None:
-        super().__init__(sample_keep_ratio, seed)
+    def __init__(self, r_sample: float, measure: str, keep: str, seed: int = 0) -> None:
+        super().__init__(r_sample, seed)
         self.measure = check_choice("measure", measure, self.MEASURES)
         self.keep = check_choice("keep", keep, ("largest", "smallest"))
 
@@ -149,15 +128,15 @@ class StaticScorePruner(SamplePruner):
 
 
 class InfoBatch(SamplePruner):
-    """InfoBatch (Qin et al., ICLR 2024) with r = sample_keep_ratio: loss-driven pruning, annealed to full data.
+    """InfoBatch (Qin et al., ICLR 2024) with r = r_sample: loss-driven pruning, annealed to full data.
 
     Scores start equal, so epoch 0 keeps everything. Before epoch ⌈δ · max_epochs⌉ each epoch keeps the samples whose
     last loss is ≥ the mean and a random r of the rest (weight 1/r); from then on, the full data with weight 1.
     Scores, and the plan of the epoch under way, travel in checkpoints (`state_dict`).
     """
 
-    def __init__(self, sample_keep_ratio: float, delta: float = 0.875, seed: int = 0) -> None:
-        super().__init__(sample_keep_ratio, seed)
+    def __init__(self, r_sample: float, delta: float = 0.875, seed: int = 0) -> None:
+        super().__init__(r_sample, seed)
         if not 0.0 <= delta <= 1.0:
             raise ValueError(f"delta={delta} must be in [0, 1]")
         self.delta = delta
@@ -184,7 +163,7 @@ class InfoBatch(SamplePruner):
             return EpochPlan(torch.arange(scores.numel()), full_weights(info))
         return infobatch_plan(scores, self.r_sample, epoch_generator(self.seed, epoch))
 
-    def expected_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
+    def planned_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
         """This epoch's real size, the same for the pruned epochs after it, N once annealed."""
         current = self.preview(epoch, info, max_epochs).indices.numel()
         n = len(info.instructions)

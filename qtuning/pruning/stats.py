@@ -82,7 +82,8 @@ class BatchStats:
     token_nll: Tensor | None = None  # [B, T-1] fp32, −log p(label), 0 outside the response
     token_entropy: Tensor | None = None  # [B, T-1] fp32, full-vocabulary entropy (nats), 0 at padding
     sample_idx: Tensor | None = None  # [B] dataset index of each row
-    ref_nll: Tensor | None = None  # [B, T-1] fp32, a reference model's NLL (Rho-1)
+    ref_nll: Tensor | None = None  # [B, T-1] fp32, a reference model's NLL (Rho-1's `enrich`)
+    token_scores: Tensor | None = None  # [B, T-1] fp32, a score of each target token from an extra pass (FastV's)
 
     @property
     def batch_size(self) -> int:

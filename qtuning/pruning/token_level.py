@@ -13,6 +13,7 @@ FastV, SparseVLM).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.errors import QTuningError
-from qtuning.pruning.base import PruneDecision, PruningPolicy, check_ratio, loss_positions
+from qtuning.pruning.base import (
+    AUTHORS_LOSS_NORM,
+    DEFAULT_SCORING,
+    PruneDecision,
+    PruningPolicy,
+    check_ratio,
+    loss_positions,
+)
 from qtuning.pruning.passes import base_model, final_hidden_states, scoring_forward
 from qtuning.pruning.stats import BatchStats, full_precision
 
@@ -108,9 +116,9 @@ class RandomTokenPolicy(PruningPolicy):
     """Keeps round(r_token · N) of the batch's N candidate positions uniformly at random (the authors' count over the
     whole batch). Its own seeded generator is checkpointed, so a resumed run draws the same positions."""
 
-    def __init__(self, token_keep_ratio: float, seed: int = 0, loss_norm: str = "nonpad") -> None:
+    def __init__(self, r_token: float, seed: int = 0, loss_norm: str = AUTHORS_LOSS_NORM) -> None:
         super().__init__(loss_norm)
-        self.r_token = check_ratio("token_keep_ratio", token_keep_ratio)
+        self.r_token = check_ratio("r_token", r_token)
         self.generator = torch.Generator().manual_seed(seed)
 
     def select(self, stats: BatchStats) -> PruneDecision:
@@ -130,9 +138,9 @@ class PPLTokenPolicy(PruningPolicy):
 
     needs_scores = True
 
-    def __init__(self, token_keep_ratio: float, loss_norm: str = "nonpad", scoring: str = "separate") -> None:
+    def __init__(self, r_token: float, loss_norm: str = AUTHORS_LOSS_NORM, scoring: str = DEFAULT_SCORING) -> None:
         super().__init__(loss_norm, scoring)
-        self.r_token = check_ratio("token_keep_ratio", token_keep_ratio)
+        self.r_token = check_ratio("r_token", r_token)
 
     def select(self, stats: BatchStats) -> PruneDecision:
         candidates = loss_positions(stats, self.loss_norm)  # [B, T-1]
@@ -144,27 +152,29 @@ class FastVTokenPolicy(PruningPolicy):
     receives the most attention in the last layer (mean over heads and non-pad queries). An extra no-grad forward
     under eager attention gives the map; position i predicts token i + 1, so it is scored by token i + 1."""
 
-    def __init__(self, token_keep_ratio: float, loss_norm: str = "nonpad") -> None:
+    def __init__(self, r_token: float, loss_norm: str = AUTHORS_LOSS_NORM) -> None:
         super().__init__(loss_norm)
-        self.r_token = check_ratio("token_keep_ratio", token_keep_ratio)
+        self.r_token = check_ratio("r_token", r_token)
 
-    def select(self, stats: BatchStats) -> PruneDecision:
-        """Without the model only ratio 1 can be decided: every candidate."""
-        if self.r_token < 1.0:
-            raise ValueError(f"{type(self).__name__} scores with the model: call select_batch")
-        return token_decision(stats, loss_positions(stats, self.loss_norm))
+    def enrich(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> BatchStats:
+        """``stats.token_scores`` from the last-layer pass (none needed at ratio 1): position i is scored by its
+        target token i + 1."""
+        if self.r_token >= 1.0:
+            return stats
+        return replace(stats, token_scores=self.target_scores(model, batch)[:, 1:])  # [B, T-1]
 
-    def token_scores(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def target_scores(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """``[B, T]`` score of each token from the last-layer pass."""
         received, _ = last_layer_pass(model, batch)
         return received
 
-    def select_batch(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> PruneDecision:
-        if self.r_token >= 1.0:  # no pass needed
-            return self.select(stats)
-        scores = self.token_scores(model, batch)[:, 1:]  # [B, T-1]: position i scored by its target token i + 1
-        keep = keep_top_per_sample(scores, loss_positions(stats, self.loss_norm), self.r_token)
-        return token_decision(stats, keep)
+    def select(self, stats: BatchStats) -> PruneDecision:
+        candidates = loss_positions(stats, self.loss_norm)  # [B, T-1]
+        if self.r_token >= 1.0:
+            return token_decision(stats, candidates)
+        if stats.token_scores is None:
+            raise ValueError(f"{type(self).__name__} needs stats.token_scores: call enrich(model, batch, stats)")
+        return token_decision(stats, keep_top_per_sample(stats.token_scores, candidates, self.r_token))
 
 
 class SparseVLMTokenPolicy(FastVTokenPolicy):
@@ -177,11 +187,11 @@ class SparseVLMTokenPolicy(FastVTokenPolicy):
     pruners.
     """
 
-    def __init__(self, token_keep_ratio: float, inverted: bool = False, loss_norm: str = "nonpad") -> None:
-        super().__init__(token_keep_ratio, loss_norm)
+    def __init__(self, r_token: float, inverted: bool = False, loss_norm: str = AUTHORS_LOSS_NORM) -> None:
+        super().__init__(r_token, loss_norm)
         self.inverted = bool(inverted)
 
-    def token_scores(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def target_scores(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         received, hidden = last_layer_pass(model, batch)
         with full_precision(hidden.device):  # autocast would run its einsum in bf16
             scores = sparsevlm_scores(received, hidden, batch["attention_mask"])  # [B, T]
@@ -203,7 +213,7 @@ class Rho1TokenPolicy(PruningPolicy):
     model's NLL minus a reference model's, across the batch (ties: lower flat index).
 
     Args:
-        token_keep_ratio: r_token.
+        r_token: the fraction of the batch's candidate positions kept.
         ref_model: a Hugging Face model directory with the training tokenizer's vocabulary; loaded frozen in `setup`.
         loss_norm: ``nonpad`` (authors) or ``response`` candidates.
         scoring: ``separate`` or ``shared`` (see `PruningPolicy.scoring`).
@@ -214,14 +224,14 @@ class Rho1TokenPolicy(PruningPolicy):
 
     def __init__(
         self,
-        token_keep_ratio: float,
+        r_token: float,
         ref_model: str | None = None,
-        loss_norm: str = "nonpad",
-        scoring: str = "separate",
+        loss_norm: str = AUTHORS_LOSS_NORM,
+        scoring: str = DEFAULT_SCORING,
         reference: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(loss_norm, scoring)
-        self.r_token = check_ratio("token_keep_ratio", token_keep_ratio)
+        self.r_token = check_ratio("r_token", r_token)
         if ref_model is None and reference is None:
             raise ValueError("Rho1TokenPolicy needs a reference model: set pruner.token.ref_model to a model directory")
         self.ref_model = ref_model
@@ -250,16 +260,17 @@ class Rho1TokenPolicy(PruningPolicy):
         if self.r_token >= 1.0:
             return token_decision(stats, candidates)
         if stats.ref_nll is None:
-            raise ValueError("Rho1TokenPolicy needs stats.ref_nll: call select_batch")
+            raise ValueError("Rho1TokenPolicy needs stats.ref_nll: call enrich(model, batch, stats)")
         excess = stats.token_nll - stats.ref_nll  # [B, T-1], 0 on the prompt
         keep = keep_top_global(excess, candidates, self.r_token)
         n_kept = int((keep & stats.response_mask).sum())
         mean_excess = float((excess * (keep & stats.response_mask)).sum()) / n_kept if n_kept else 0.0
         return token_decision(stats, keep, kept_excess=mean_excess)
 
-    def select_batch(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> PruneDecision:
-        if self.r_token < 1.0:
-            if self.reference is None:
-                raise ValueError("Rho1TokenPolicy: the reference model is loaded in setup(); none is loaded yet")
-            stats.ref_nll = scoring_forward(self.reference, batch).token_nll
-        return self.select(stats)
+    def enrich(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> BatchStats:
+        """``stats.ref_nll``: the reference model's NLL of the batch (none needed at ratio 1)."""
+        if self.r_token >= 1.0:
+            return stats
+        if self.reference is None:
+            raise ValueError("Rho1TokenPolicy: the reference model is loaded in setup(); none is loaded yet")
+        return replace(stats, ref_nll=scoring_forward(self.reference, batch).token_nll)
