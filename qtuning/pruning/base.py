@@ -86,6 +86,12 @@ class PruningPolicy(Callback, ABC):
         self.loss_norm = check_choice("loss_norm", loss_norm, LOSS_NORMS)
         self.scoring = check_choice("scoring", scoring, SCORINGS)
 
+    @property
+    def decides_per_window(self) -> bool:
+        """Whether one decision covers a whole optimizer step (every micro-batch of the accumulation window, on every
+        device): the module then scores the window before training any of it (`SFTModule.window_step`)."""
+        return False
+
     def enrich(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> BatchStats:
         """``stats`` with what `select` needs from the model beyond them (an attention map, a reference model's
         NLL), as a copy; by default nothing: ``stats`` itself."""

@@ -30,6 +30,15 @@ def select_rows(batch: Batch, rows: Tensor) -> Batch:
     return {key: value[rows] if key == "sample_idx" else value[rows, :length] for key, value in batch.items()}
 
 
+def length_groups(keep: Tensor, lengths: Tensor, size: int) -> list[Tensor]:
+    """The kept rows of ``keep`` ``[W]``, shortest first, in groups of at most ``size`` (one empty group when none is
+    kept): training micro-batches whose rows are of similar ``lengths`` ``[W]``, so that re-padding each to its
+    longest adds little."""
+    rows = keep.nonzero().squeeze(1)  # [K]
+    order = torch.sort(lengths[rows], stable=True).indices
+    return list(rows[order].split(size))
+
+
 def final_hidden_states(model: torch.nn.Module, batch: Batch) -> Tensor:
     """``[B, T, H]``: what the LM head would see, from the model's own forward (with autograd if it is enabled).
 

@@ -33,6 +33,7 @@ from qtuning.pruning.distributed import distributed_world, gather_stats, local_r
 from qtuning.pruning.stats import BatchStats
 
 FILL_UP_RULES = ("minmax", "rank", "none")
+THRESHOLD_SCOPES = ("local", "global", "window")
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,9 @@ class QTuningPolicy(PruningPolicy):
         entropy_scope: average the entropy over ``nonpad`` positions (authors) or ``response`` positions.
         loss_norm, scoring: see `PruningPolicy`.
         threshold_scope: ``local`` (authors): each device decides on its own micro-batch; ``global``: the
-            statistics of all devices are gathered and one decision is made for the global batch.
+            statistics of all devices are gathered and one decision is made for the global batch; ``window``: as
+            ``global``, over every micro-batch of the optimizer step (`decides_per_window`: the module scores the
+            whole accumulation window first, then trains the kept rows re-packed).
     """
 
     needs_scores = True
@@ -262,7 +265,16 @@ class QTuningPolicy(PruningPolicy):
         self.lam, self.neighbor_mean = float(lam), bool(neighbor_mean)
         self.token_budget = check_choice("token_budget", token_budget, ("batch", "per_sample"))
         self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
-        self.threshold_scope = check_choice("threshold_scope", threshold_scope, ("local", "global"))
+        self.threshold_scope = check_choice("threshold_scope", threshold_scope, THRESHOLD_SCOPES)
+        if self.threshold_scope == "window" and self.scoring != "separate":
+            raise ValueError(
+                f"threshold_scope=window scores the whole window before training any of it: it needs "
+                f"scoring=separate, not {self.scoring}"
+            )
+
+    @property
+    def decides_per_window(self) -> bool:
+        return self.threshold_scope == "window"
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
         """Stage 2 (docs/method.md §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the
@@ -280,7 +292,7 @@ class QTuningPolicy(PruningPolicy):
         return drop_highest(scores, candidates, n_drop)
 
     def select(self, stats: BatchStats) -> PruneDecision:
-        if self.threshold_scope == "global" and distributed_world() > 1:
+        if self.threshold_scope != "local" and distributed_world() > 1:
             global_stats, offset = gather_stats(stats)
             return local_rows(self.decide(global_stats), offset, *stats.response_mask.shape)
         return self.decide(stats)
@@ -310,6 +322,10 @@ class QTuningPolicy(PruningPolicy):
         q = result.band_q
         ppl_in, ent_in = ppl[~result.guarded], ent[~result.guarded]  # the rows the bands were measured on
         metrics: dict[str, float] = {
+            # the samples this decision was made over (a micro-batch, the global batch or a window) and the
+            # realised fraction of them kept
+            "decision_rows": float(batch),
+            "decision_keep": float(result.kept.sum()) / batch,
             "band_q": q,
             # the band thresholds of the last bisection step: Q2 = PPL > ppl_high & entropy <= ent_low, etc.
             "thr_ppl_high": float(torch.quantile(ppl_in, 1 - q)),

@@ -9,7 +9,7 @@ at a time: the full ``[B, T, V]`` logits are never upcast at once, and from hidd
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -165,3 +165,19 @@ class BatchStats:
             raise ValueError(f"entropy scope must be 'nonpad' or 'response', got {scope!r}")
         mask = self.nonpad_mask if scope == "nonpad" else self.response_mask  # [B, T-1]
         return (self.token_entropy * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def concat_stats(parts: list[BatchStats]) -> BatchStats:
+    """The statistics of several batches as one: rows concatenated in order, positions right-padded to the longest
+    (padding is False in the masks and 0 elsewhere); a field is kept only if every part has it."""
+    length = max(part.response_mask.shape[1] for part in parts)
+
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(part, name) for part in parts]
+        if any(value is None for value in values):
+            return None
+        if values[0].dim() == 1:  # [B] per-row fields
+            return torch.cat(values)
+        return torch.cat([torch.nn.functional.pad(value, (0, length - value.shape[1])) for value in values])
+
+    return BatchStats(**{field.name: cat(field.name) for field in fields(BatchStats)})
