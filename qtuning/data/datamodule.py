@@ -203,11 +203,14 @@ class SFTDataModule(LightningDataModule):
         self.val_examples: list[Example] = []
         self.report: DataReport | None = None
         self.planner: EpochPlanner | None = None  # plans each epoch's samples (see `connect`); None: all of them
+        self.window = 1  # micro-batches per training batch (see `connect`)
 
-    def connect(self, planner: EpochPlanner | None) -> None:
+    def connect(self, planner: EpochPlanner | None, window: int = 1) -> None:
         """What the run hands over once, before training: the planner of each epoch's samples (a dataset-level
-        sample pruner), or None to train on every sample every epoch."""
-        self.planner = planner
+        sample pruner), or None to train on every sample every epoch; and ``window``, the micro-batches of
+        ``batch_size`` rows one training batch holds (a whole accumulation window, when the module trains each
+        window itself; 1 otherwise)."""
+        self.planner, self.window = planner, window
 
     def setup(self, stage: str | None = None) -> None:
         if self.report is not None:
@@ -231,15 +234,18 @@ class SFTDataModule(LightningDataModule):
     def _collate(self, items: list[tuple[int, Example]]) -> dict[str, Tensor]:
         return collate([e for _, e in items], [i for i, _ in items], self.pad_id)
 
-    def _loader(self, examples: list[Example], indices: list[int], epoch: int = 0, shuffle: bool = False) -> DataLoader:
-        """This process's share of ``indices`` of ``examples`` (in an order fixed by seed and epoch when shuffled);
-        Lightning checkpoints its position, so a resumed run continues mid-epoch (see `qtuning.data.sampling`)."""
+    def _loader(
+        self, examples: list[Example], indices: list[int], epoch: int = 0, shuffle: bool = False, window: int = 1
+    ) -> DataLoader:
+        """This process's share of ``indices`` of ``examples`` (in an order fixed by seed and epoch when shuffled), in
+        batches of ``window`` × ``batch_size`` rows; Lightning checkpoints its position, so a resumed run continues
+        mid-epoch (see `qtuning.data.sampling`)."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return ResumableLoader(
             IndexedExamples(examples),
             sampler=EpochSampler(indices, self.seed, epoch, rank, world, shuffle),
-            batch_size=self.batch_size,
+            batch_size=self.batch_size * window,
             collate_fn=self._collate,
             num_workers=self.num_workers,
             epoch=epoch,
@@ -247,7 +253,7 @@ class SFTDataModule(LightningDataModule):
         )
 
     def batches_trained(self) -> int:
-        """Micro-batches of the current epoch trained so far (what a checkpoint written now has seen)."""
+        """Training batches of the current epoch trained so far (what a checkpoint written now has seen)."""
         if self.trainer is None:
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -268,18 +274,19 @@ class SFTDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """This epoch's loader (Lightning rebuilds it every epoch, see `train`): every training sample, or the
-        planner's plan, shuffled from (seed, epoch)."""
+        planner's plan, shuffled from (seed, epoch), in batches of ``window`` micro-batches."""
         if self.planner is None:
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
-            return self._loader(self.train_examples, list(range(len(self.train_examples))), epoch, shuffle=True)
+            indices = list(range(len(self.train_examples)))
+            return self._loader(self.train_examples, indices, epoch, shuffle=True, window=self.window)
         epoch, max_epochs = self._epochs()
         plan = self.planner.epoch_plan(epoch, self.sample_info(), max_epochs)
-        return self._loader(self.train_examples, plan.indices.tolist(), epoch, shuffle=True)
+        return self._loader(self.train_examples, plan.indices.tolist(), epoch, shuffle=True, window=self.window)
 
     def planned_batches(self, from_epoch: int = 0) -> list[int] | None:
-        """Batches per device of every epoch from ``from_epoch`` to the last, as planned now (for the run's length,
-        without building a loader: Lightning then builds the first one itself and can restore its position on
-        resume); None when the run has no epoch limit."""
+        """Training batches per device of every epoch from ``from_epoch`` to the last, as planned now (for the run's
+        length, without building a loader: Lightning then builds the first one itself and can restore its position
+        on resume); None when the run has no epoch limit."""
         trainer = self.trainer
         max_epochs = trainer.max_epochs if trainer is not None else None
         if not max_epochs or max_epochs < 0:
@@ -288,7 +295,8 @@ class SFTDataModule(LightningDataModule):
             sizes = [len(self.train_examples)] * (max_epochs - from_epoch)
         else:
             sizes = self.planner.planned_sizes(from_epoch, self.sample_info(), max_epochs)
-        return [math.ceil(math.ceil(size / trainer.world_size) / self.batch_size) for size in sizes]
+        rows = self.batch_size * self.window
+        return [math.ceil(math.ceil(size / trainer.world_size) / rows) for size in sizes]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_examples, list(range(len(self.val_examples))))
