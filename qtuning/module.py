@@ -6,6 +6,9 @@ Per training step:
 3. Forward + backward over the kept rows only, re-padded to their own longest length (the compute saving).
 4. Loss ``Σ ce·w / max(1, Σ w)``, token-normalised across gradient accumulation and devices: the step returns the
    sum ``Σ ce·w`` and the gradients are divided by the window's ``Σ w`` just before the optimizer step.
+
+A policy that decides per window (``threshold_scope=window``) gets one decision per optimizer step instead: the
+module then trains each accumulation window itself (manual optimization, `window_step`).
 """
 
 from __future__ import annotations
@@ -15,17 +18,27 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from qtuning import TOKEN_TOTALS
 from qtuning.errors import QTuningError
 from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_loss
-from qtuning.pruning.passes import Batch, final_hidden_states, output_head, scoring_forward, select_rows
+from qtuning.pruning.passes import (
+    Batch,
+    final_hidden_states,
+    length_groups,
+    output_head,
+    scoring_forward,
+    select_rows,
+)
+from qtuning.pruning.stats import concat_stats
 from qtuning.resume import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -52,6 +65,8 @@ class SFTModule(LightningModule):
         optimizer: partial of a torch optimizer, called with the trainable parameters.
         scheduler: partial called with ``(optimizer, total_steps=...)`` returning a per-step LR scheduler, or None.
         max_bad_steps: micro-batches in a row with a non-finite loss before the run stops (each one is skipped).
+        gradient_clip_val: the gradient-norm clip of a window the module trains itself (a policy that
+            `decides_per_window`: Lightning clips only under automatic optimization); None or 0: no clipping.
     """
 
     def __init__(
@@ -61,8 +76,12 @@ class SFTModule(LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         max_bad_steps: int = 10,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
+        # One decision per optimizer step: each training batch is a whole window, accumulated here (`window_step`).
+        self.automatic_optimization = not policy.decides_per_window
+        self.gradient_clip_val = gradient_clip_val
         if max_bad_steps < 1:
             raise QTuningError(f"max_bad_steps={max_bad_steps} must be at least 1")
         self.max_bad_steps = max_bad_steps
@@ -108,18 +127,27 @@ class SFTModule(LightningModule):
         stats = self.policy.enrich(self.model, batch, stats)
         decision = self.policy.select(stats)
         rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
+        loss_sum, ce, weight, rows, positions = self.train_rows(batch, rows, decision)
+        scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
+        return KeptForward(loss_sum, ce, weight, rows, stats, decision, scored + positions)
+
+    def train_rows(
+        self, batch: Batch, rows: Tensor, decision: PruneDecision
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """A grad forward over ``rows`` ``[K]`` of ``batch``, re-padded to their own longest sequence: the loss sum,
+        ``ce`` and ``weight`` ``[K, T'-1]``, the rows, and the positions that went through.
+
+        No row (a global or window decision may leave a device nothing): one row goes through with weight 0, so the
+        step contributes 0 and every device still joins the gradient all-reduce.
+        """
         if rows.numel() == 0:
-            # Nothing kept here (a global decision may leave a device nothing): one row goes through with weight 0,
-            # so the step contributes 0 and every device still joins the gradient all-reduce.
             rows = torch.zeros(1, dtype=torch.long, device=rows.device)
         kept = select_rows(batch, rows)
         hidden = final_hidden_states(self.model, kept)  # [K, T', H]
         weight = decision.token_keep[rows, : hidden.shape[1] - 1].float()  # [K, T'-1]
-        loss_sum, ce = token_loss(
-            hidden, head, kept["labels"], kept["attention_mask"], self.loss_weight(weight, decision, rows)
-        )
-        scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
-        return KeptForward(loss_sum, ce, weight, rows, stats, decision, scored + kept["input_ids"].numel())
+        head, labels, mask = output_head(self.model), kept["labels"], kept["attention_mask"]
+        loss_sum, ce = token_loss(hidden, head, labels, mask, self.loss_weight(weight, decision, rows))
+        return loss_sum, ce, weight, rows, kept["input_ids"].numel()
 
     @staticmethod
     def loss_weight(weight: Tensor, decision: PruneDecision, rows: Tensor) -> Tensor:
@@ -131,22 +159,93 @@ class SFTModule(LightningModule):
         """The loss sum of the micro-batch, and what the step made for callbacks (`on_train_batch_end`'s
         ``outputs``): ``stats``, ``decision``, and ``row_losses`` (``[K]`` sample_idx, ``[K]`` mean loss of each
         kept row, what dataset-level pruners such as InfoBatch score samples by)."""
+        if not self.automatic_optimization:
+            return self.window_step(batch, batch_idx)
         if self._step_started is None:
             self._step_started = time.perf_counter()
         loss_sum, ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
         if not torch.isfinite(loss_sum):
             return self.skip_nonfinite(batch_idx)
         self.bad_steps_in_a_row = 0
-        self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
-        self._window_tokens = self._window_tokens.to(loss_sum.device) + weight.sum()
-        self._window_input_tokens += int(batch["attention_mask"].sum())
         bwd_tokens = ce.shape[0] * (ce.shape[1] + 1)
-        self._window_positions = [self._window_positions[0] + fwd_tokens, self._window_positions[1] + bwd_tokens]
+        self.add_to_window(loss_sum, weight.sum(), (fwd_tokens, bwd_tokens))
+        self._window_input_tokens += int(batch["attention_mask"].sum())
+        self.log_decision(stats, decision, fwd_tokens, bwd_tokens)
+        row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
+        # Lightning divides the loss by accumulate_grad_batches; on_before_optimizer_step undoes that.
+        row_losses = (batch["sample_idx"][rows], row_loss)
+        return {"loss": loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
+
+    def window_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
+        """One optimizer step over ``batch``, this device's whole accumulation window (manual optimization):
+
+        1. no-grad scoring passes over its micro-batches of ``data.batch_size`` rows, their statistics as one;
+        2. one decision over the window of every device (`policy.select` gathers them);
+        3. the kept rows, grouped by length, in training micro-batches of at most ``data.batch_size`` rows: forward
+           and backward each, the gradients synchronised across devices at the last one only;
+        4. the optimizer step (`on_before_optimizer_step` normalises by the window's loss tokens and clips).
+
+        Returns what `training_step` does, over the window: its statistics ``[W, T-1]``, the decision and the kept
+        rows' losses; None when every micro-batch had a non-finite loss.
+        """
+        self._step_started = time.perf_counter()
+        micro = self.trainer.datamodule.batch_size
+        parts, scored = [], 0
+        for chunk in torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device).split(micro):
+            sub = select_rows(batch, chunk)
+            parts.append(self.policy.enrich(self.model, sub, scoring_forward(self.model, sub)))
+            scored += sub["input_ids"].numel()
+        stats = concat_stats(parts)  # [W, T-1]
+        decision = self.policy.select(stats)
+        # nothing kept on this device: one empty group, whose stand-in row still joins the all-reduce (`train_rows`)
+        groups = length_groups(decision.sample_keep, stats.nonpad_mask.sum(1), micro)
+        trained, losses = 0, []
+        for i, group in enumerate(groups):
+            # DDP all-reduces the accumulated gradients once, at the window's last backward pass
+            with nullcontext() if i == len(groups) - 1 else self.gradient_sync_off():
+                loss_sum, ce, weight, rows, positions = self.train_rows(batch, group, decision)
+                if not torch.isfinite(loss_sum):
+                    self.skip_nonfinite(batch_idx)
+                    continue
+                self.manual_backward(loss_sum)
+            self.bad_steps_in_a_row = 0
+            self.add_to_window(loss_sum, weight.sum(), (positions, positions))
+            trained += positions
+            row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
+            losses.append((batch["sample_idx"][rows], row_loss))
+        self._window_input_tokens += int(batch["attention_mask"].sum())
+        self._window_positions[0] += scored
+        self.log_decision(stats, decision, scored + trained, trained)
+        window_loss_sum = self._window_loss_sum  # the step below starts the next window's sums
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        if not losses:
+            return None
+        row_losses = (torch.cat([idx for idx, _ in losses]), torch.cat([loss for _, loss in losses]))
+        return {"loss": window_loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
+
+    def gradient_sync_off(self) -> AbstractContextManager:
+        """A region whose backward passes only accumulate gradients locally (DDP's ``no_sync``)."""
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
+
+    def add_to_window(self, loss_sum: Tensor, loss_tokens: Tensor, positions: tuple[int, int]) -> None:
+        """Add one trained micro-batch to the window's sums: ``Σ ce·w``, ``Σ w``, forward and backward positions."""
+        self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
+        self._window_tokens = self._window_tokens.to(loss_sum.device) + loss_tokens
+        self._window_positions = [done + more for done, more in zip(self._window_positions, positions, strict=True)]
+
+    def log_decision(self, stats: BatchStats, decision: PruneDecision, fwd_tokens: int, bwd_tokens: int) -> None:
+        """The decision's per-step scalars, and the positions (padding included) through all forward passes and
+        through the backward pass."""
         self.log_dict(
             {
                 "prune/kept_samples": decision.sample_keep.float().mean(),
                 "prune/kept_tokens": decision.token_keep.sum() / stats.nonpad_mask.sum().clamp(min=1),
-                # positions (padding included) through all forward passes / through the backward pass
                 "prune/fwd_tokens": float(fwd_tokens),
                 "prune/bwd_tokens": float(bwd_tokens),
                 **{f"prune/{k}": float(v) for k, v in decision.metrics.items()},
@@ -155,10 +254,6 @@ class SFTModule(LightningModule):
             on_epoch=False,
             batch_size=stats.batch_size,
         )
-        row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
-        # Lightning divides the loss by accumulate_grad_batches; on_before_optimizer_step undoes that.
-        row_losses = (batch["sample_idx"][rows], row_loss)
-        return {"loss": loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
 
     def skip_nonfinite(self, batch_idx: int) -> None:
         """A non-finite loss: no backward pass, nothing accumulated (returning None skips the micro-batch)."""
@@ -181,11 +276,14 @@ class SFTModule(LightningModule):
         positions = reduce(torch.tensor(self._window_positions, device=tokens.device), reduce_op="sum")  # [2] int64
         for key, value in zip(TOKEN_TOTALS, [round(float(tokens)), *positions.tolist()], strict=True):
             self.token_totals[key] += value
-        # DDP averaged the gradients over devices and Lightning divided them by the accumulation count.
+        # DDP averaged the gradients over devices and Lightning divided them by the accumulation count (1 when the
+        # module trains the window itself).
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
+        if not self.automatic_optimization and self.gradient_clip_val:  # Lightning clips after this hook otherwise
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         self.log_dict(
             {

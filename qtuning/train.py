@@ -49,16 +49,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.setup("fit")  # read and tokenise now: bad data fails before the model is loaded
     policy: PruningPolicy = instantiate_key(cfg.pruner, "pruner")
     model = build_model(cfg.model, cfg.paths.cache_dir, vocab_size=len(tokenizer), seed=cfg.seed)
+    # A policy deciding per optimizer step gets each accumulation window as one batch, and the module accumulates
+    # and clips it itself: the Trainer then neither accumulates nor clips.
+    per_window = policy.decides_per_window
+    window_trainer = {"accumulate_grad_batches": 1, "gradient_clip_val": None} if per_window else {}
     module = SFTModule(
         model,
         policy,
         optimizer=instantiate_key(cfg.optimizer, "optimizer"),
         scheduler=instantiate_key(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         max_bad_steps=cfg.max_bad_steps,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val") if per_window else None,
     )
     callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
     callbacks.append(SaveOnInterrupt(str(checkpoint_dir)))
-    datamodule.connect(policy if isinstance(policy, EpochPlanner) else None)  # who plans each epoch's samples
+    datamodule.connect(  # who plans each epoch's samples, and how many micro-batches one training batch holds
+        policy if isinstance(policy, EpochPlanner) else None,
+        window=cfg.trainer.accumulate_grad_batches if per_window else 1,
+    )
     loggers = build_loggers(cfg)
     try:
         # Every epoch gets its own loader, which splits the data across processes itself (EpochSampler).
@@ -69,6 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             logger=loggers or False,
             reload_dataloaders_every_n_epochs=1,
             use_distributed_sampler=False,
+            **window_trainer,
         )
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
