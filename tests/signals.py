@@ -1,5 +1,6 @@
-"""Test callbacks and policies the CLI can load by name: a signal on cue (a preemption or a crash), a dump of the
-policy state, each rank's own sums of logged positions, and policies that keep nothing or give non-finite losses."""
+"""Test callbacks and policies the CLI can load by name: a signal on cue (a preemption or a crash, also in the middle
+of a window), a dump of the policy state, each rank's own sums of logged positions, a record of every step, and
+policies that keep nothing or give non-finite losses."""
 
 from __future__ import annotations
 
@@ -25,6 +26,43 @@ class SignalAtStep(Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtBackward(Callback):
+    """Sends ``signal_name`` to this process just before the ``backward``-th backward pass (1-based) of optimizer step
+    ``step``: in the middle of a window that `SFTModule.window_step` trains in several micro-batches."""
+
+    def __init__(self, step: int, backward: int, signal_name: str) -> None:
+        self.step, self.backward = step, backward
+        self.signum = getattr(signal, signal_name)
+        self.seen: dict[int, int] = {}  # backward passes so far, by the number of optimizer steps done
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        done = trainer.global_step
+        self.seen[done] = self.seen.get(done, 0) + 1
+        if done == self.step - 1 and self.seen[done] == self.backward:
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordSteps(Callback):
+    """Records, each optimizer step (one training batch, no accumulation by Lightning), the ``sample_idx`` of the rows
+    this process kept and the logged ``train/loss``; at the end of training saves them with the final trainable
+    weights to ``<dirpath>/steps_rank<r>.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.kept: list[list[int]] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats, decision = outputs["stats"], outputs["decision"]
+        self.kept.append(sorted(stats.sample_idx[decision.sample_keep].tolist()))
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        weights = {k: p.detach().clone() for k, p in pl_module.model.named_parameters() if p.requires_grad}
+        record = {"kept": self.kept, "losses": self.losses, "weights": weights}
+        torch.save(record, os.path.join(self.dirpath, f"steps_rank{trainer.global_rank}.pt"))
 
 
 class DumpPolicyState(Callback):
