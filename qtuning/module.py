@@ -189,16 +189,7 @@ class SFTModule(LightningModule):
         rows' losses; None when every micro-batch had a non-finite loss.
         """
         self._step_started = time.perf_counter()
-        micro = self.trainer.datamodule.batch_size
-        parts, scored = [], 0
-        for chunk in torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device).split(micro):
-            sub = select_rows(batch, chunk)
-            parts.append(self.policy.enrich(self.model, sub, scoring_forward(self.model, sub)))
-            scored += sub["input_ids"].numel()
-        stats = concat_stats(parts)  # [W, T-1]
-        decision = self.policy.select(stats)
-        # nothing kept on this device: one empty group, whose stand-in row still joins the all-reduce (`train_rows`)
-        groups = length_groups(decision.sample_keep, stats.nonpad_mask.sum(1), micro)
+        stats, decision, groups, scored = self.decide_window(batch, self.trainer.datamodule.batch_size)
         trained, losses = 0, []
         for i, group in enumerate(groups):
             # DDP all-reduces the accumulated gradients once, at the window's last backward pass
@@ -227,6 +218,20 @@ class SFTModule(LightningModule):
             return None
         row_losses = (torch.cat([idx for idx, _ in losses]), torch.cat([loss for _, loss in losses]))
         return {"loss": window_loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
+
+    def decide_window(self, batch: Batch, micro: int) -> tuple[BatchStats, PruneDecision, list[Tensor], int]:
+        """What `window_step` does before training: the window's statistics ``[W, T-1]`` from scoring passes over its
+        micro-batches of ``micro`` rows, the decision, the kept rows in training groups of at most ``micro`` (one
+        empty group when none is kept: its stand-in row still joins the all-reduce, see `train_rows`), and the
+        positions the scoring passes went through."""
+        parts, scored = [], 0
+        for chunk in torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device).split(micro):
+            sub = select_rows(batch, chunk)
+            parts.append(self.policy.enrich(self.model, sub, scoring_forward(self.model, sub)))
+            scored += sub["input_ids"].numel()
+        stats = concat_stats(parts)  # [W, T-1]
+        decision = self.policy.select(stats)
+        return stats, decision, length_groups(decision.sample_keep, stats.nonpad_mask.sum(1), micro), scored
 
     def gradient_sync_off(self) -> AbstractContextManager:
         """A region whose backward passes only accumulate gradients locally (DDP's ``no_sync``)."""

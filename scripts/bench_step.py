@@ -12,6 +12,12 @@ of ``--batch`` rows of random tokens, at r_sample 0.25 and r_token 0.5, for full
   ``separate``;
 - ``scoring``: the no-grad scoring pass alone (NLL and entropy at every non-pad position);
 - ``validation``: one no-grad validation pass over the batch.
+With ``--windows A ...``, one optimizer step over a global batch of A micro-batches of ``--batch`` rows (their lengths
+shuffled, as a real window's are), A at a time:
+- ``local/A``: Q-Tuning's default, each micro-batch scored, decided and its kept rows trained on its own;
+- ``window/A``: ``threshold_scope=window``, one scoring pass per micro-batch, one decision over the window, the kept
+  rows re-packed by length into micro-batches of at most ``--batch`` rows (`SFTModule.decide_window`);
+- ``unpacked/A``: the same decision, each micro-batch's kept rows trained on their own (what re-packing saves).
 These are what `SFTModule` runs: the LM head only at the positions that count, in chunks. Beside them, with
 ``@logits``, the same modes through the full ``[B, T, V]`` logits, as the code computed them before the chunked loss.
 
@@ -52,6 +58,7 @@ R_SAMPLE, R_TOKEN = 0.25, 0.5
 MODES = ("full", "shared", "separate", "ideal", "scoring", "validation")
 BEFORE = ("full", "shared", "separate", "scoring", "validation")  # the modes that also run through the full logits
 ALL_MODES = [*MODES, *(f"{mode}@logits" for mode in BEFORE)]
+WINDOW_KINDS = ("local", "window", "unpacked")
 Batch = dict[str, torch.Tensor]
 
 
@@ -61,11 +68,18 @@ def model_config(name: str, lora: bool, overrides: list[str]):
     return cfg.model, os.path.expanduser(os.environ.get("QTUNING_CACHE_DIR", "~/.cache/qtuning"))
 
 
-def make_batch(vocab: int, batch: int, length: int, device: torch.device) -> Batch:
-    """Random tokens; a 64-token prompt; lengths spread over [3/4, 1] of ``length`` (right padding)."""
+def window_modes(windows: list[int]) -> list[str]:
+    return [f"{kind}/{accumulate}" for accumulate in windows for kind in WINDOW_KINDS]
+
+
+def make_batch(vocab: int, batch: int, length: int, device: torch.device, shuffle: bool = False) -> Batch:
+    """Random tokens; a 64-token prompt; lengths spread over [3/4, 1] of ``length`` (right padding), in rising order
+    or (``shuffle``) a seeded random one."""
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
     lengths = torch.linspace(length * 3 // 4, length, batch).long()
+    if shuffle:
+        lengths = lengths[torch.randperm(batch, generator=gen)]
     attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, : min(64, length // 2)] = -100
@@ -108,7 +122,15 @@ class Bench:
             "full": SFTModule(self.model, NoPruning(), optimizer=torch.optim.AdamW),
             "shared": SFTModule(self.model, self.shared_policy, optimizer=torch.optim.AdamW),
             "separate": SFTModule(self.model, self.policy, optimizer=torch.optim.AdamW),
+            "window": SFTModule(
+                self.model, QTuningPolicy(R_SAMPLE, R_TOKEN, threshold_scope="window"), optimizer=torch.optim.AdamW
+            ),
         }
+        self.micro = batch_size
+        self.windows = {
+            a: make_batch(len(tokenizer), a * batch_size, length, device, shuffle=True) for a in args.windows
+        }
+        self.trained_positions: dict[str, int] = {}  # of the window modes' last step, padding included
         with self.autocast():
             decision = self.decide(self.policy, scoring_forward(self.model, self.batch))
         self.kept_rows = decision.sample_keep.nonzero()[:, 0]
@@ -132,6 +154,8 @@ class Bench:
 
     def step(self, mode: str) -> None:
         """One optimizer step (or validation pass) of ``mode``."""
+        if "/" in mode:
+            return self.window_step(mode)
         if mode.endswith("@logits"):
             return self.logits_step(mode.removesuffix("@logits"))
         if mode in ("scoring", "validation"):
@@ -154,6 +178,34 @@ class Bench:
                 loss_sum, _, weight, *_ = self.modules[mode].forward_kept(self.batch)
             loss = loss_sum / weight.sum().clamp(min=1)
         self.backward_and_step(loss)
+
+    def window_step(self, mode: str) -> None:
+        """One optimizer step of a window mode over its global batch; every micro-batch's backward pass accumulates
+        (the gradients are not normalised over the window: the time is the same)."""
+        kind, accumulate = mode.split("/")
+        batch = self.windows[int(accumulate)]
+        chunks = torch.arange(batch["input_ids"].shape[0], device=self.device).split(self.micro)
+        trained = 0
+        if kind == "local":
+            for chunk in chunks:
+                with self.autocast():
+                    loss_sum, ce, *_ = self.modules["separate"].forward_kept(select_rows(batch, chunk))
+                loss_sum.backward()
+                trained += ce.shape[0] * (ce.shape[1] + 1)
+        else:
+            module = self.modules["window"]
+            with self.autocast():
+                _, decision, groups, _ = module.decide_window(batch, self.micro)
+            if kind == "unpacked":
+                groups = [kept for chunk in chunks if (kept := chunk[decision.sample_keep[chunk]]).numel()]
+            for rows in groups:
+                with self.autocast():
+                    loss_sum, *_, positions = module.train_rows(batch, rows, decision)
+                loss_sum.backward()
+                trained += positions
+        self.trained_positions[mode] = trained
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def logits_step(self, mode: str) -> None:
         """``mode`` through the full logits, as before the chunked loss."""
@@ -225,7 +277,7 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
     memory kept by the allocator from earlier work cannot hide (or fake) a peak.
     """
     command = [sys.executable, "-m", "scripts.bench_step", "--probe", mode, "--model", f"{name}:{length}"]
-    command += ["--batch", str(args.batch)]
+    command += ["--batch", str(args.batch), "--windows", *map(str, args.windows)]
     command += ["--precision", args.precision, "--override", *args.override] + (["--lora"] if lora else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
@@ -255,10 +307,11 @@ def step_times(bench: Bench, modes: list[str], args: argparse.Namespace, device:
 
 
 def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device: torch.device) -> dict:
-    modes = ALL_MODES if args.before else list(MODES)
+    modes = [*(ALL_MODES if args.before else MODES), *window_modes(args.windows)]
     bench = Bench(args, name, lora, length, device)
     tokens = int(bench.batch["attention_mask"].sum())
     medians = step_times(bench, modes, args, device)
+    trained = dict(bench.trained_positions)
     if device.type == "cuda":  # the allocator's own peak: this process, a fresh optimizer state per mode
         memory = {}
         for mode in modes:
@@ -268,7 +321,7 @@ def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device
     else:
         bench = None  # the memory probes run in fresh processes: free this one's model first
         memory = {mode: memory_probe(args, name, lora, length, mode) for mode in modes}
-    return {"medians": medians, "memory": memory, "tokens": tokens}
+    return {"medians": medians, "memory": memory, "tokens": tokens, "trained_positions": trained}
 
 
 def parse_model(spec: str) -> tuple[str, int]:
@@ -310,6 +363,26 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
                     else " – | – | – |"
                 )
             lines.append(row)
+    if args.windows:
+        lines += [
+            "",
+            f"One optimizer step over A micro-batches of {args.batch} rows (lengths shuffled): `local` decides and "
+            "trains each micro-batch on its own, `window` decides once over the window and re-packs the kept rows by "
+            "length, `unpacked` decides once but trains each micro-batch's kept rows on their own. Trained positions: "
+            "through the training forward and backward, padding included.",
+            "",
+            "| model | global batch | fine-tuning | mode | step (s) | × local | trained positions | peak memory (MB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (name, length, kind), r in results.items():
+            m, mem = r["medians"], r["memory"]
+            for mode in window_modes(args.windows):
+                accumulate = mode.split("/")[1]
+                lines.append(
+                    f"| {name} | {accumulate} × {args.batch} × {length} | {kind} | {mode} | {m[mode]:.3f} "
+                    f"| {m[mode] / m[f'local/{accumulate}']:.2f} | {r['trained_positions'][mode]:,} "
+                    f"| {mem[mode] / 2**20:,.0f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +398,10 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="model overrides, e.g. model.tokenizer=DIR")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--write", type=Path, default=None, help="also write the Markdown table here")
-    parser.add_argument("--probe", choices=ALL_MODES, help=argparse.SUPPRESS)  # internal: memory_probe
+    parser.add_argument(
+        "--windows", nargs="*", type=int, default=[], help="also one step over A micro-batches, local against window"
+    )
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: memory_probe, one mode
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

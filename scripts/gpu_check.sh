@@ -9,6 +9,7 @@
 # 1. the tests marked gpu;
 # 2. scripts/bench_step.py (python -m scripts.bench_step) on CUDA in bf16-mixed: SmolLM2-135M- and Llama-3.2-1B-shaped random-init models at
 #    8 x 2,048 (step times and ratios, tokens/s, max_memory_allocated of each mode, before and after the chunked loss);
+#    then threshold_scope=window against local at global batches of 8 x 4 and 8 x 8 (SmolLM2-135M-shaped);
 # 3. 20 steps of trainer=gpu Q-Tuning on real ShareGPT chats (SmolLM2-135M-shaped model);
 # 4. a short trainer=fsdp run with LoRA on one GPU (--cpu: trainer=ddp_cpu; Lightning runs FSDP on GPUs only).
 # A step that fails or runs past its time limit is reported and the next one runs; the exit status counts failures.
@@ -67,12 +68,14 @@ step() {  # step TITLE LIMIT_S COMMAND...: run it, time it, append its output's 
 
 if [ "$mode" = gpu ]; then
     bench=(--model random_smollm2_135m:2048 random_llama_1b:2048 --steps 3 --warmup 1)
+    windows=(--model random_smollm2_135m:2048 --steps 3 --warmup 1 --kinds full --windows 4 8)
     model=(model=random_smollm2_135m "model.tokenizer=$tokenizer")
     data=(data=file $chats data.format=sharegpt data.max_length=2048 data.val_size=32)
     train=(trainer=gpu trainer.max_steps=20)
     sharded=(trainer=fsdp trainer.devices=1 trainer.max_steps=5 model.lora.enabled=true)
 else
     bench=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full)
+    windows=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --windows 2)
     model=(model=tiny_llama)
     data=(data=file data.path=tests/fixtures/tiny_sft.jsonl data.format=prompt_completion data.val_size=8)
     train=(trainer=cpu trainer.precision=bf16-mixed trainer.max_steps=3)
@@ -83,6 +86,8 @@ common=(logger=csv trainer.enable_progress_bar=false)
 step "tests marked gpu" 180 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
 step "bench_step, bf16-mixed" 300 "$python" -m scripts.bench_step "${bench[@]}" --precision bf16-mixed \
     --override "${model[@]:1}" --write "$work/bench.md" --json "$out/bench_step.json"
+step "bench_step windows, bf16-mixed" 300 "$python" -m scripts.bench_step "${windows[@]}" --no-before \
+    --precision bf16-mixed --override "${model[@]:1}" --write "$work/bench_windows.md"
 step "Q-Tuning, ${train[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${train[@]}" "${common[@]}" \
     "hydra.run.dir=$work/qtuning"
 step "LoRA, ${sharded[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${sharded[@]}" "${common[@]}" \
@@ -99,12 +104,14 @@ versions=$("$python" -c "import importlib.metadata as m; print(', '.join(f'{p} {
     echo "|---|---|---|"
     printf '%s\n' "${summary[@]}"
     echo
-    if [ -f "$work/bench.md" ]; then
-        echo "## bench_step table"
-        echo
-        cat "$work/bench.md"
-        echo
-    fi
+    for table in bench bench_windows; do
+        if [ -f "$work/$table.md" ]; then
+            echo "## ${table/bench/bench_step} table"
+            echo
+            cat "$work/$table.md"
+            echo
+        fi
+    done
     for run in qtuning sharded; do
         [ -f "$work/$run/metrics.json" ] && { echo "\`$run\` metrics.json:"; echo '```'; cat "$work/$run/metrics.json"; echo '```'; echo; }
     done
