@@ -10,7 +10,7 @@ import torch
 from qtuning.data.plan import SampleInfo
 from qtuning.pruning import AllSamples, ComboPolicy, InfoBatch, NoPruning, RandomSubset, StaticScorePruner
 from qtuning.pruning.base import keep_count
-from qtuning.pruning.sample_level import char_entropy, infobatch_plan, keep_extreme
+from qtuning.pruning.sample_level import char_entropy, infobatch_plan, keep_extreme, truncated_infobatch_plan
 from qtuning.pruning.stats import BatchStats
 
 
@@ -60,9 +60,10 @@ def test_static_pruners_keep_sets(measure, keep, data, expected):
         StaticScorePruner(1.0, "response_tokens", "largest"),
         StaticScorePruner(1.0, "instruction_entropy", "smallest"),
         InfoBatch(1.0),
+        InfoBatch(1.0, delta=1.0, truncate=True),
         AllSamples(),
     ],
-    ids=["random", "longest", "entropy", "infobatch", "none"],
+    ids=["random", "longest", "entropy", "infobatch", "infobatch-truncated", "none"],
 )
 def test_ratio_one_is_the_identity(pruner):
     data = info(8)
@@ -136,6 +137,43 @@ def test_infobatch_state_resumes_inside_an_epoch():
     assert torch.equal(resumed.plan(2, data, 3).indices, pruner.plan(2, data, 3).indices)
 
 
+def test_truncated_infobatch_keeps_the_first_hard_samples_when_they_fill_r_n():
+    # mean 1.5: samples 0-2 are >= the mean; int(0.25 · 5) = 1 of the other 5 is drawn, then the list
+    # [0, 1, 2, drawn] is cut to int(0.25 · 8) = 2: the two lowest-index hard samples, no weight 1/r left
+    scores = torch.tensor([4.0, 4, 4, 0, 0, 0, 0, 0])
+    for seed in range(3):  # whatever the draw
+        plan = truncated_infobatch_plan(scores, 0.25, torch.Generator().manual_seed(seed))
+        assert plan.indices.tolist() == [0, 1] and torch.equal(plan.weights, torch.ones(8))
+    original = infobatch_plan(scores, 0.25, torch.Generator().manual_seed(0))  # no cut: 3 hard + round(1.25) = 1
+    assert original.indices.numel() == 4 and sorted(original.weights.tolist())[-1] == 4.0
+
+
+def test_truncated_infobatch_fills_up_with_the_first_drawn_below_mean_samples_weighted_1_over_r():
+    # mean 1.25: samples 1 and 6 are >= the mean; int(0.5 · 6) = 3 of the well-learned 0, 2, 3, 4, 5, 7 drawn;
+    # the list [1, 6, d0, d1, d2] is cut to int(0.5 · 8) = 4: d2 is drawn but cut, d0 and d1 get weight 2
+    scores = torch.tensor([0.0, 5, 0, 0, 0, 0, 5, 0])
+    well = torch.tensor([0, 2, 3, 4, 5, 7])
+    d0, d1, d2 = well[torch.randperm(6, generator=torch.Generator().manual_seed(7))][:3].tolist()
+    plan = truncated_infobatch_plan(scores, 0.5, torch.Generator().manual_seed(7))
+    assert plan.indices.tolist() == sorted([1, 6, d0, d1]) and d2 not in plan.indices.tolist()
+    expected = torch.ones(8)
+    expected[[d0, d1]] = 2.0
+    assert torch.equal(plan.weights, expected)
+    # equal scores (epoch 0): nothing is below the mean, the list holds every sample and is not cut
+    assert truncated_infobatch_plan(torch.ones(8), 0.5, torch.Generator()).indices.tolist() == list(range(8))
+
+
+def test_truncated_infobatch_without_annealing_prunes_every_epoch_after_the_first():
+    data = info(8)
+    pruner = InfoBatch(0.25, delta=1.0, seed=0, truncate=True)  # pruner/sample=infobatch_truncated
+    assert pruner.plan(0, data, 3).indices.tolist() == list(range(8))
+    assert pruner.planned_sizes(0, data, 3) == [8, 2, 2]  # int(0.25 · 8) = 2, known before any loss
+    pruner.record(torch.arange(8), torch.tensor([4.0, 4, 4, 0, 0, 0, 0, 0]))
+    for epoch in (1, 2):  # the last epoch too: delta = 1 never anneals
+        assert pruner.plan(epoch, data, 3).indices.tolist() == [0, 1]
+    assert pruner.planned_sizes(2, data, 3) == [2]
+
+
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match=r"r_sample=0.0 must be in \(0, 1\]"):
         RandomSubset(0.0)
@@ -143,6 +181,8 @@ def test_bad_arguments_name_the_argument():
         StaticScorePruner(0.5, "words", "largest")
     with pytest.raises(ValueError, match=r"delta=1.5 must be in \[0, 1\]"):
         InfoBatch(0.5, delta=1.5)
+    with pytest.raises(ValueError, match=r"truncate='yes' must be true or false"):
+        InfoBatch(0.5, truncate="yes")
 
 
 def test_combo_scales_the_loss_by_the_plan_weights():

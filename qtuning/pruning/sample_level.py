@@ -38,19 +38,37 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def below_mean_draw(scores: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """InfoBatch's split of ``scores`` ``[N]``: ``[a]`` the ascending indices of the samples whose score is ≥ the mean,
+    ``[n]`` the others (well learned) in a random order drawn from ``generator``."""
+    below = scores < scores.mean()
+    well_learned = below.nonzero().squeeze(1)  # [n]
+    return (~below).nonzero().squeeze(1), well_learned[torch.randperm(well_learned.numel(), generator=generator)]
+
+
 def infobatch_plan(scores: Tensor, ratio: float, generator: torch.Generator) -> EpochPlan:
     """InfoBatch's pruned epoch (Qin et al., ICLR 2024): every sample whose score is ≥ the mean, plus a random
     round(r · n) of the n below the mean, those rescaled by 1/r so the expected gradient is unchanged."""
-    well_learned = (scores < scores.mean()).nonzero().squeeze(1)  # [n]
-    kept_well = well_learned[
-        torch.randperm(well_learned.numel(), generator=generator)[: round(ratio * well_learned.numel())]
-    ]
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    keep[well_learned] = False
-    keep[kept_well] = True
+    hard, drawn = below_mean_draw(scores, generator)
+    kept_well = drawn[: round(ratio * drawn.numel())]
     weights = torch.ones_like(scores, dtype=torch.float32)
     weights[kept_well] = 1.0 / ratio
-    return EpochPlan(keep.nonzero().squeeze(1), weights)
+    return EpochPlan(torch.cat([hard, kept_well]).sort().values, weights)
+
+
+def truncated_infobatch_plan(scores: Tensor, ratio: float, generator: torch.Generator) -> EpochPlan:
+    """InfoBatch as the Q-Tuning authors' code ran it (docs/method.md §7): the list of the samples ≥ the mean (in
+    index order) followed by a random int(r · n) of the n below it (in draw order, weight 1/r), cut to its first
+    int(r · N) entries (at least 1) unless it holds every sample (equal scores, as in epoch 0). The cut keeps the
+    hard samples first: below-mean samples, and so weights 1/r, survive only when fewer than r · N are ≥ the mean."""
+    hard, drawn = below_mean_draw(scores, generator)
+    kept_well = drawn[: int(ratio * drawn.numel())]
+    order = torch.cat([hard, kept_well])  # [a + k]: the authors' list before the cut
+    if order.numel() < scores.numel():
+        order = order[: max(1, int(ratio * scores.numel()))]
+    weights = torch.ones_like(scores, dtype=torch.float32)
+    weights[order[hard.numel() :]] = 1.0 / ratio
+    return EpochPlan(order.sort().values, weights)
 
 
 class SamplePruner(ABC):
@@ -132,14 +150,19 @@ class InfoBatch(SamplePruner):
 
     Scores start equal, so epoch 0 keeps everything. Before epoch ⌈δ · max_epochs⌉ each epoch keeps the samples whose
     last loss is ≥ the mean and a random r of the rest (weight 1/r); from then on, the full data with weight 1.
+    ``truncate=True`` cuts each pruned epoch to r · N as the authors' code did (`truncated_infobatch_plan`); with
+    δ = 1 it never anneals (the authors' run: ``pruner/sample=infobatch_truncated``).
     Scores, and the plan of the epoch under way, travel in checkpoints (`state_dict`).
     """
 
-    def __init__(self, r_sample: float, delta: float = 0.875, seed: int = 0) -> None:
+    def __init__(self, r_sample: float, delta: float = 0.875, seed: int = 0, truncate: bool = False) -> None:
         super().__init__(r_sample, seed)
         if not 0.0 <= delta <= 1.0:
             raise ValueError(f"delta={delta} must be in [0, 1]")
+        if not isinstance(truncate, bool):
+            raise ValueError(f"truncate={truncate!r} must be true or false")
         self.delta = delta
+        self.truncate = truncate
         self.scores: Tensor | None = None  # [N] last mean loss of each sample
         self.current: tuple[int, EpochPlan] | None = None  # (epoch, plan) of the epoch under way
 
@@ -161,13 +184,17 @@ class InfoBatch(SamplePruner):
         scores = self.scores if self.scores is not None else torch.ones(len(info.instructions))
         if self.annealed(epoch, max_epochs):
             return EpochPlan(torch.arange(scores.numel()), full_weights(info))
-        return infobatch_plan(scores, self.r_sample, epoch_generator(self.seed, epoch))
+        plan = truncated_infobatch_plan if self.truncate else infobatch_plan
+        return plan(scores, self.r_sample, epoch_generator(self.seed, epoch))
 
     def planned_sizes(self, epoch: int, info: SampleInfo, max_epochs: int) -> list[int]:
-        """This epoch's real size, the same for the pruned epochs after it, N once annealed."""
+        """This epoch's real size; for the pruned epochs after it the same, or int(r · N) when truncated (known
+        ahead, unlike the original's); N once annealed."""
         current = self.preview(epoch, info, max_epochs).indices.numel()
         n = len(info.instructions)
-        return [current if not self.annealed(e, max_epochs) else n for e in range(epoch, max_epochs)]
+        later = max(1, int(self.r_sample * n)) if self.truncate else current
+        sizes = [current] + [later] * (max_epochs - epoch - 1)
+        return [size if not self.annealed(e, max_epochs) else n for e, size in enumerate(sizes, start=epoch)]
 
     def record(self, sample_idx: Tensor, losses: Tensor) -> None:
         if self.scores is not None:
