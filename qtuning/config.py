@@ -56,3 +56,8 @@ def instantiate_key(node: DictConfig, key: str, **kwargs: Any) -> Any:
         if isinstance(cause, (ValueError, TypeError)):
             raise QTuningError(f"{key}: {cause}") from None
         raise
+
+
+def optimizer_factory(cfg: DictConfig) -> Any:
+    """The partial optimizer of ``cfg.optimizer`` at the run's learning rate, ``optimizer.lr * lr_scale``."""
+    return instantiate_key(cfg.optimizer, "optimizer", lr=cfg.optimizer.lr * cfg.lr_scale)

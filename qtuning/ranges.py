@@ -76,7 +76,13 @@ CHECKPOINT_EVERY = Either(NONNEG_INT, None)  # ModelCheckpoint: 0 or null turns 
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 RANGES: dict[str, dict[str, Range | Either]] = {
-    "": {"seed": SEED, "ckpt_every_n_steps": CHECKPOINT_EVERY, "max_bad_steps": COUNT, "num_samples": COUNT_OR_NULL},
+    "": {
+        "seed": SEED,
+        "ckpt_every_n_steps": CHECKPOINT_EVERY,
+        "max_bad_steps": COUNT,
+        "num_samples": COUNT_OR_NULL,
+        "lr_scale": POSITIVE,
+    },
     "budget": {"r_sample": SHARE, "r_token": SHARE},
     "data": {
         "max_length": Range(2, integer=True),

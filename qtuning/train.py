@@ -16,7 +16,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from qtuning.config import check_config, config_dir, instantiate_key
+from qtuning.config import check_config, config_dir, instantiate_key, optimizer_factory
 from qtuning.data.plan import EpochPlanner
 from qtuning.errors import exit_on_bad_input, run_cli
 from qtuning.eval import check_eval, evaluate, log_to_loggers
@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     module = SFTModule(
         model,
         policy,
-        optimizer=instantiate_key(cfg.optimizer, "optimizer"),
+        optimizer=optimizer_factory(cfg),
         scheduler=instantiate_key(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         max_bad_steps=cfg.max_bad_steps,
         gradient_clip_val=cfg.trainer.get("gradient_clip_val") if per_window else None,

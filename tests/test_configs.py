@@ -72,6 +72,7 @@ OUT_OF_RANGE = {
     "model.architecture.hidden_size=0": "model.architecture.hidden_size=0 must be an integer >= 1 or null",
     "eval=mini eval.limits.squad2=0": "eval.limits.squad2=0 must be > 0 or null",
     "budget.r_sample=0.5 pruner.r_sample=0": "pruner.r_sample=0 must be in (0, 1]",
+    "lr_scale=0": "lr_scale=0 must be > 0",
 }
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from qtuning.config import optimizer_factory
 from tests.conftest import CONF_DIR, compose_train
 
 
@@ -105,3 +107,75 @@ def test_method_sets_the_pruner(tmp_path, method, target, sample, token):
     assert pruner._target_ == f"qtuning.pruning.{target}"
     assert (pruner.get("sample") or {}).get("_target_") == (sample and f"qtuning.pruning.{sample}")
     assert (pruner.get("token") or {}).get("_target_") == (token and f"qtuning.pruning.{token}")
+
+
+# What each sample / token name of a row is in the two grids: the pruner's target and the settings that make it the
+# one meant.
+AS_DESCRIBED = {
+    "sample": {
+        "random": ("RandomSubset", {}),
+        "longest": ("StaticScorePruner", {"measure": "response_tokens", "keep": "largest"}),
+        "infobatch": ("InfoBatch", {"truncate": False, "delta": 0.875}),
+        "entropy": ("StaticScorePruner", {"measure": "instruction_entropy", "keep": "smallest"}),
+    },
+    "token": {
+        "random": ("RandomTokenPolicy", {}),
+        "ppl": ("PPLTokenPolicy", {}),
+        "fastv": ("FastVTokenPolicy", {}),
+        "sparsevlm": ("SparseVLMTokenPolicy", {"inverted": False}),
+    },
+}
+AS_THE_AUTHORS_RAN = {
+    "sample": {
+        **AS_DESCRIBED["sample"],
+        "longest": ("StaticScorePruner", {"measure": "instruction_chars", "keep": "smallest"}),  # the shortest
+        "infobatch": ("InfoBatch", {"truncate": True, "delta": 1.0}),
+    },
+    "token": {**AS_DESCRIBED["token"], "sparsevlm": ("SparseVLMTokenPolicy", {"inverted": True})},
+}
+UNPAIRED = {"qtuning": "QTuningPolicy", "full": "NoPruning"}  # the same in both grids (Q-Tuning's defaults: authors')
+GRIDS = {  # sweep: (what its rows' names mean, the token pruners it trains at half the learning rate)
+    "table1": (AS_DESCRIBED, set()),
+    "table1_authors": (AS_THE_AUTHORS_RAN, {"fastv", "sparsevlm"}),
+    "reasoning": (AS_DESCRIBED, set()),
+    "reasoning_authors": (AS_THE_AUTHORS_RAN, {"fastv", "sparsevlm"}),
+}
+
+
+def check_pruner(node: DictConfig, expected: tuple[str, dict]) -> None:
+    target, settings = expected
+    assert node._target_ == f"qtuning.pruning.{target}"
+    assert {k: node[k] for k in settings} == settings
+
+
+@pytest.mark.parametrize("sweep", sorted(GRIDS))
+def test_every_row_of_each_grid_composes_to_its_pruners_and_learning_rate(tmp_path, sweep):
+    meaning, half_lr = GRIDS[sweep]
+    rows = sweep_values(compose_hydra(f"sweep={sweep}"), "method")
+    assert len(rows) == (18 if sweep.startswith("table1") else 6)
+    for row in rows:
+        cfg = compose_train([f"sweep={sweep}", f"method={row}", "experiment=paper_lora"], tmp_path)  # one job
+        name = row.removesuffix("_authors")
+        token = None
+        if name in UNPAIRED:
+            assert cfg.pruner._target_ == f"qtuning.pruning.{UNPAIRED[name]}"
+        else:
+            sample, token = name.split("_")
+            assert cfg.pruner._target_ == "qtuning.pruning.ComboPolicy"
+            check_pruner(cfg.pruner.sample, meaning["sample"][sample])
+            check_pruner(cfg.pruner.token, meaning["token"][token])
+        # the rate the optimizer gets: paper_lora's 1e-4, halved for FastV and SparseVLM in the authors' grids
+        optimizer = optimizer_factory(cfg)([torch.nn.Parameter(torch.zeros(1))])
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-5 if token in half_lr else 1e-4), row
+
+
+def test_the_authors_grids_differ_from_the_described_ones_only_in_their_authors_rows():
+    for sweep in ("table1", "reasoning"):
+        described = sweep_values(compose_hydra(f"sweep={sweep}"), "method")
+        authors = sweep_values(compose_hydra(f"sweep={sweep}_authors"), "method")
+        assert [m.removesuffix("_authors") for m in authors] == described
+        assert compose_hydra(f"sweep={sweep}_authors").hydra.sweeper.params.budget == (
+            compose_hydra(f"sweep={sweep}").hydra.sweeper.params.budget
+        )
+    # the rows whose pruners and learning rate are the same as described are listed as they are
+    assert [m for m in authors if not m.endswith("_authors")] == ["qtuning", "full"]
