@@ -44,6 +44,14 @@ from qtuning.resume import NonFiniteLossError
 log = logging.getLogger(__name__)
 
 
+def response_tokens(batch: Batch, rows: Tensor, weight: Tensor) -> int:
+    """The response positions of ``rows`` ``[K]`` with a loss weight ``[K, T'-1]`` (the rows re-padded to their own
+    length): the tokens a step learns from. ``Σ w`` also counts the prompt positions a ``loss_norm: nonpad`` token
+    pruner keeps, whose loss is 0."""
+    response = shift_targets(batch["labels"][rows], batch["attention_mask"][rows])[1]  # [K, T-1]
+    return int((response[:, : weight.shape[1]] & (weight > 0)).sum())
+
+
 class KeptForward(NamedTuple):
     """One training forward: the loss sum, per-token cross-entropy and loss weights of the rows that went through it."""
 
@@ -95,7 +103,8 @@ class SFTModule(LightningModule):
         self._window_loss_sum = torch.zeros(())
         self._window_tokens = torch.zeros(())
         self._window_input_tokens = 0
-        self._window_positions = [0, 0]  # forward, backward positions of this device's micro-batches in the window
+        # forward and backward positions, and response tokens learnt from, of this device's micro-batches in the window
+        self._window_positions = [0, 0, 0]
         self.token_totals = dict.fromkeys(TOKEN_TOTALS, 0)  # checkpointed: a resumed run ends with the same totals
         self.total_steps: int | None = None  # optimizer steps of the whole run as planned (the LR schedule's length)
         self._step_started: float | None = None
@@ -168,7 +177,7 @@ class SFTModule(LightningModule):
             return self.skip_nonfinite(batch_idx)
         self.bad_steps_in_a_row = 0
         bwd_tokens = ce.shape[0] * (ce.shape[1] + 1)
-        self.add_to_window(loss_sum, weight.sum(), (fwd_tokens, bwd_tokens))
+        self.add_to_window(loss_sum, weight.sum(), (fwd_tokens, bwd_tokens, response_tokens(batch, rows, weight)))
         self._window_input_tokens += int(batch["attention_mask"].sum())
         self.log_decision(stats, decision, fwd_tokens, bwd_tokens)
         row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
@@ -200,7 +209,7 @@ class SFTModule(LightningModule):
                     continue
                 self.manual_backward(loss_sum)
             self.bad_steps_in_a_row = 0
-            self.add_to_window(loss_sum, weight.sum(), (positions, positions))
+            self.add_to_window(loss_sum, weight.sum(), (positions, positions, response_tokens(batch, rows, weight)))
             trained += positions
             row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
             losses.append((batch["sample_idx"][rows], row_loss))
@@ -238,8 +247,9 @@ class SFTModule(LightningModule):
         strategy = self.trainer.strategy
         return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
 
-    def add_to_window(self, loss_sum: Tensor, loss_tokens: Tensor, positions: tuple[int, int]) -> None:
-        """Add one trained micro-batch to the window's sums: ``Σ ce·w``, ``Σ w``, forward and backward positions."""
+    def add_to_window(self, loss_sum: Tensor, loss_tokens: Tensor, positions: tuple[int, int, int]) -> None:
+        """Add one trained micro-batch to the window's sums: ``Σ ce·w``, ``Σ w``, forward and backward positions and
+        the response tokens learnt from."""
         self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens = self._window_tokens.to(loss_sum.device) + loss_tokens
         self._window_positions = [done + more for done, more in zip(self._window_positions, positions, strict=True)]
@@ -278,7 +288,7 @@ class SFTModule(LightningModule):
         reduce = self.trainer.strategy.reduce
         tokens = reduce(self._window_tokens.clone(), reduce_op="sum")
         loss_sum = reduce(self._window_loss_sum.clone(), reduce_op="sum")
-        positions = reduce(torch.tensor(self._window_positions, device=tokens.device), reduce_op="sum")  # [2] int64
+        positions = reduce(torch.tensor(self._window_positions, device=tokens.device), reduce_op="sum")  # [3] int64
         for key, value in zip(TOKEN_TOTALS, [round(float(tokens)), *positions.tolist()], strict=True):
             self.token_totals[key] += value
         # DDP averaged the gradients over devices and Lightning divided them by the accumulation count (1 when the
@@ -304,7 +314,7 @@ class SFTModule(LightningModule):
         self._window_loss_sum = torch.zeros((), device=loss_sum.device)
         self._window_tokens = torch.zeros((), device=loss_sum.device)
         self._window_input_tokens = 0
-        self._window_positions = [0, 0]
+        self._window_positions = [0, 0, 0]
         self._step_started = None
 
     # ---- validation: never pruned -----------------------------------------------------------------------------

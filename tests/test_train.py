@@ -217,3 +217,17 @@ def test_too_many_non_finite_losses_in_a_row_stop_with_a_checkpoint(tiny_cfg, tm
     initial = build_model(cfg.model, "", vocab_size=104, seed=cfg.seed).state_dict()
     for name, value in initial.items():  # nothing finite was ever applied: the saved weights are the initial ones
         torch.testing.assert_close(checkpoint["state_dict"][f"model.{name}"], value)
+
+
+def test_the_response_token_total_counts_what_the_loss_learns_from(tiny_cfg):
+    # One epoch over every training sample, the loss divided by response tokens (pruner=none) or by every non-pad
+    # position, prompt included (a nonpad token pruner that keeps everything): the same response tokens learnt from.
+    epoch = ["trainer.max_steps=-1", "trainer.max_epochs=1", "validate_before_fit=false"]
+    full, objects = train(tiny_cfg("pruner=none", *epoch))
+    nonpad, _ = train(tiny_cfg("pruner=combo", "pruner/sample=none", "pruner/token=none", *epoch))
+    examples = objects["datamodule"].train_examples
+    response = int(objects["datamodule"].sample_info().response_tokens.sum())  # targets after the shift
+    positions = sum(len(e.input_ids) - 1 for e in examples)  # every non-pad target position
+    assert full["train/response_tokens_total"] == full["train/loss_tokens_total"] == response
+    assert nonpad["train/response_tokens_total"] == response
+    assert nonpad["train/loss_tokens_total"] == positions > response
