@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +42,12 @@ NAMES = {
     "longest": "Longest",
     "shortest": "Shortest",
     "infobatch": "InfoBatch",
+    "infobatch_truncated": "InfoBatch (truncated)",
     "entropy": "Entropy",
     "ppl": "PPL",
     "fastv": "FastV",
     "sparsevlm": "SparseVLM",
+    "sparsevlm_inverted": "SparseVLM (inverted)",
     "rho1": "Rho-1",
     "random_batch": "Random (in-batch)",
 }
@@ -54,8 +57,18 @@ FULL = "Full data"
 ZERO_SHOT = "Zero-shot (base)"  # a `python -m qtuning.eval` job: the model before any fine-tuning
 BUDGETLESS = (FULL, ZERO_SHOT)  # rows that ignore the budget: shown in every block
 NO_TOKEN = "—"
-SAMPLE_ORDER = ["Random", "Longest", "Shortest", "InfoBatch", "Entropy"]  # then unknown names, Q-Tuning, Full data
-TOKEN_ORDER = ["Random", "PPL", "FastV", "SparseVLM", "Rho-1", NO_TOKEN]
+# rows: these sample pruners in this order, then unknown names, Q-Tuning, Full data
+SAMPLE_ORDER = ["Random", "Longest", "Shortest", "InfoBatch", "InfoBatch (truncated)", "Entropy"]
+TOKEN_ORDER = ["Random", "PPL", "FastV", "SparseVLM", "SparseVLM (inverted)", "Rho-1", NO_TOKEN]
+# The spent budget of a row: its run total over the full-data run's, and the fraction its slot's label gives it
+# (r_sample, r_token). Loss tokens are the response tokens learnt from (train/loss_tokens_total would count the prompt
+# positions a nonpad token pruner keeps); no pruner here shortens a kept sample's backward pass (token pruners mask
+# the loss), so a slot's label gives it r_sample of the backward positions.
+SPENT = {
+    "spent loss tokens": ("train/response_tokens_total", lambda r_sample, r_token: r_sample * r_token),
+    "spent bwd tokens": ("prune/bwd_tokens_total", lambda r_sample, r_token: r_sample),
+}
+OFF_LABEL = 0.10  # a spent fraction further than this (relative) from its label is marked
 DEFAULT_METRICS = ["val/loss", "val/ppl"]
 RUN_METRIC_PREFIXES = ("val/", "train/", "trainer/", "prune/", "eval/")
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
@@ -135,6 +148,7 @@ def load_job(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "r_sample": ratio(budget.get("r_sample")),
         "r_token": ratio(budget.get("r_token")),
         "seed": config.get("seed"),
+        "lr_scale": config.get("lr_scale", 1.0),  # a method= preset's (the authors' FastV and SparseVLM rows: 0.5)
         "overrides": {k: v for k, v in overrides.items() if k not in OWN_COLUMNS},
         "metrics": read_metrics(metrics_file) if metrics_file.exists() else {},
     }
@@ -228,6 +242,34 @@ def cell(group: list[dict], metric: str, baselines: list[list[dict] | None]) -> 
     return f"{text} ({' / '.join(deltas)})"
 
 
+def spent_fraction(group: list[dict], full: list[dict] | None, total: str) -> float | None:
+    """A row's mean run ``total`` over the full-data row's of its block; None without either."""
+    row = [r["metrics"][total] for r in group if total in r["metrics"]]
+    base = [r["metrics"][total] for r in full or [] if total in r["metrics"]]
+    if not row or not base or not statistics.fmean(base):
+        return None
+    return statistics.fmean(row) / statistics.fmean(base)
+
+
+def label_fraction(sample: str, group: list[dict], share: Callable[[float, float], float]) -> float | None:
+    """The fraction of the full-data run a row's slot label gives it: 1 for full data, ``share(r_sample, r_token)``
+    for a budgeted row, None for the zero-shot row or a budget without ratios."""
+    if sample == FULL:
+        return 1.0
+    r_sample, r_token = group[0]["r_sample"], group[0]["r_token"]
+    if sample == ZERO_SHOT or r_sample is None or r_token is None:
+        return None
+    return share(r_sample, r_token)
+
+
+def spent_cell(spent: float | None, label: float | None) -> str:
+    """``0.131``, marked ``⚠ +180%`` when more than OFF_LABEL off ``label``; — without a value."""
+    if spent is None:
+        return "—"
+    off = spent / label - 1 if label else 0.0
+    return f"{spent:.3f}" + (f" ⚠ {100 * off:+.0f}%".replace("-", "−") if abs(off) > OFF_LABEL else "")
+
+
 RowKey = tuple[str, str, tuple[str, ...]]  # (sample pruner, token pruner, pruner.* overrides)
 
 
@@ -249,6 +291,8 @@ def layout(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, dict[RowKey, lis
     for r in done:
         context = tuple((k, r["overrides"].get(k, "—")) for k in context_keys)
         variant = tuple(f"{k}={r['overrides'][k]}" for k in variant_keys if k in r["overrides"])
+        if r["lr_scale"] != 1.0 and "lr_scale" not in r["overrides"]:  # set by the row's preset: a row of its own
+            variant += (f"lr_scale={r['lr_scale']}",)
         budget = None if r["sample"] in BUDGETLESS else (r["r_sample"] or 0.0, r["r_token"] or 0.0, str(r["budget"]))
         if budget is not None:
             titles[budget] = block_title(r["r_sample"], r["r_token"], r["budget"])
@@ -286,18 +330,23 @@ def row_name(key: RowKey) -> str:
 def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """The Markdown summary: common overrides, the table in Table 1's layout, its legend, the missing jobs."""
     blocks, common, full_counted_once = layout(rows)
+    done = [r for r in rows if r["status"] == "done"]
+    spent = [c for c, (total, _) in SPENT.items() if any(total in r["metrics"] for r in done)]
     lines = []
     if common:
         lines += ["Same in every job: " + " ".join(f"`{o}`" for o in common), ""]
     lines += [
-        "| Sample pruner | Token pruner | n | " + " | ".join(metrics) + " |",
-        "|---|---|---|" + "---|" * len(metrics),
+        "| Sample pruner | Token pruner | n | " + " | ".join(metrics + spent) + " |",
+        "|---|---|---|" + "---|" * len(metrics + spent),
     ]
     for heading, block in blocks:
-        lines.append(f"| **{heading}** |" + " |" * (2 + len(metrics)))
+        lines.append(f"| **{heading}** |" + " |" * (2 + len(metrics + spent)))
         random_random, full = block.get(("Random", "Random", ())), block.get((FULL, NO_TOKEN, ()))
         for key, group in block.items():
             cells = [cell(group, m, [random_random, full]) for m in metrics]
+            for column in spent:
+                total, share = SPENT[column]
+                cells.append(spent_cell(spent_fraction(group, full, total), label_fraction(key[0], group, share)))
             lines.append(f"| {row_name(key)} | {key[1]} | {len(group)} | " + " | ".join(cells) + " |")
 
     lines += [
@@ -312,6 +361,15 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     lower = [m for m in metrics if any(w in m.lower() for w in LOWER_IS_BETTER) and m not in TOKEN_TOTALS]
     if lower:
         lines[-1] += f" Lower is better for losses and perplexities ({', '.join(lower)})."
+    if spent:
+        lines[-1] += (
+            " Spent budget: a row's run total over the full-data row's of its block, for loss tokens the response "
+            "tokens its loss was computed on (`train/response_tokens_total`; prompt positions that a nonpad token "
+            "pruner counts in the loss carry no loss), for bwd tokens the positions through its backward passes "
+            "(`prune/bwd_tokens_total`). A slot's label gives a row r_sample × r_token of the loss tokens (s25_t50: "
+            "0.125) and r_sample of the backward positions (token pruners mask the loss, none shortens a sample's "
+            f"backward pass); ⚠ marks a fraction more than {OFF_LABEL:.0%} (relative) off its label, by how much."
+        )
     if not any(r["status"] == "done" and r["sample"] != ZERO_SHOT for r in rows):
         lines += ["", "No job has finished."]
     missing = [r for r in rows if r["status"] == "missing"]

@@ -316,3 +316,31 @@ def test_plot_puts_every_rows_mean_and_error_where_the_table_does(tmp_path):
     assert (start, end) == (pytest.approx(2.2 - 0.282842712), pytest.approx(2.2 + 0.282842712))  # std(2.0, 2.4)
     dashed = [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--"]
     assert dashed == [1.5]  # full data
+
+
+def test_spent_budget_is_each_rows_share_of_the_full_data_totals_marked_when_off_its_label(tmp_path):
+    totals = {  # job: (pruner, response tokens learnt from, backward positions); full data: 1,000 and 4,000
+        "f": ("none", 1000, 4000),
+        "r": ("combo:random:random", 125, 1000),  # 0.125 and 0.25: on its label
+        "i": ("combo:infobatch:random", 370, 2960),  # the original InfoBatch keeps far more than r_sample
+        "q": ("qtuning", 130, 1080),  # +4% and +8%: within 10%
+        "t": ("combo:infobatch_truncated:sparsevlm_inverted", 100, 800),  # −20% on both
+    }
+    for name, (pruner, response, bwd) in totals.items():
+        job = make_job(tmp_path, name, pruner, "s25_t50", 2.0)
+        metrics = {"val/loss": 2.0, "train/response_tokens_total": response, "prune/bwd_tokens_total": bwd}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    config = yaml.safe_load((tmp_path / "t" / ".hydra" / "config.yaml").read_text()) | {"lr_scale": 0.5}
+    (tmp_path / "t" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))  # as method=*_authors sets it
+    lines = table_lines(tmp_path, ["val/loss"])
+    start = lines.index("| Sample pruner | Token pruner | n | val/loss | spent loss tokens | spent bwd tokens |")
+    assert lines[start + 2 : start + 8] == [
+        "| **25% samples × 50% tokens** | | | | | |",
+        "| Random | Random | 1 | 2.000 (— / +0.000) | 0.125 | 0.250 |",
+        "| InfoBatch | Random | 1 | 2.000 (+0.000 / +0.000) | 0.370 ⚠ +196% | 0.740 ⚠ +196% |",
+        "| InfoBatch (truncated) (lr_scale=0.5) | SparseVLM (inverted) | 1 | 2.000 (+0.000 / +0.000) "
+        "| 0.100 ⚠ −20% | 0.200 ⚠ −20% |",
+        "| Q-Tuning | — | 1 | 2.000 (+0.000 / +0.000) | 0.130 | 0.270 |",
+        "| Full data | — | 1 | 2.000 (+0.000 / —) | 1.000 | 1.000 |",
+    ]
+    assert "r_sample × r_token of the loss tokens (s25_t50: 0.125) and r_sample of the backward" in lines[-1]
