@@ -14,7 +14,9 @@ others (model, data, batch, ...) into blocks of their own, so that every row is 
 and Full-data rows trained like it. Jobs that differ only by ``seed`` share a row: mean ± sample std and their
 number n. Default metrics: val/loss, val/ppl, every task metric found (any key outside val/, train/, trainer/,
 prune/ and runtime_s), then the run's token totals where jobs report them (what each row's training cost: loss
-tokens, and positions through the forward and the backward passes).
+tokens, and positions through the forward and the backward passes). Where jobs report them, two last columns give
+each row's spent budget: its response tokens learnt from and its backward positions as shares of its block's
+full-data run, marked when more than 10% off what the slot's label gives it (r_sample × r_token and r_sample; `SPENT`).
 """
 
 from __future__ import annotations
