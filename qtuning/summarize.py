@@ -14,9 +14,10 @@ others (model, data, batch, ...) into blocks of their own, so that every row is 
 and Full-data rows trained like it. Jobs that differ only by ``seed`` share a row: mean ± sample std and their
 number n. Default metrics: val/loss, val/ppl, every task metric found (any key outside val/, train/, trainer/,
 prune/ and runtime_s), then the run's token totals where jobs report them (what each row's training cost: loss
-tokens, and positions through the forward and the backward passes). Where jobs report them, two last columns give
-each row's spent budget: its response tokens learnt from and its backward positions as shares of its block's
-full-data run, marked when more than 10% off what the slot's label gives it (r_sample × r_token and r_sample; `SPENT`).
+tokens, and positions through the forward and the backward passes). Beside those totals (the default, or
+--metrics naming them), two last columns give each row's spent budget: its response tokens learnt from and its
+backward positions as shares of its block's full-data run, marked when more than 10% off what the slot's label gives
+it (r_sample × r_token and r_sample; `SPENT`).
 """
 
 from __future__ import annotations
@@ -332,8 +333,7 @@ def row_name(key: RowKey) -> str:
 def table(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """The Markdown summary: common overrides, the table in Table 1's layout, its legend, the missing jobs."""
     blocks, common, full_counted_once = layout(rows)
-    done = [r for r in rows if r["status"] == "done"]
-    spent = [c for c, (total, _) in SPENT.items() if any(total in r["metrics"] for r in done)]
+    spent = [c for c, (total, _) in SPENT.items() if total in metrics]  # beside the totals they come from
     lines = []
     if common:
         lines += ["Same in every job: " + " ".join(f"`{o}`" for o in common), ""]

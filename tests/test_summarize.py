@@ -332,15 +332,21 @@ def test_spent_budget_is_each_rows_share_of_the_full_data_totals_marked_when_off
         (job / "metrics.json").write_text(json.dumps(metrics))
     config = yaml.safe_load((tmp_path / "t" / ".hydra" / "config.yaml").read_text()) | {"lr_scale": 0.5}
     (tmp_path / "t" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))  # as method=*_authors sets it
-    lines = table_lines(tmp_path, ["val/loss"])
-    start = lines.index("| Sample pruner | Token pruner | n | val/loss | spent loss tokens | spent bwd tokens |")
-    assert lines[start + 2 : start + 8] == [
-        "| **25% samples × 50% tokens** | | | | | |",
-        "| Random | Random | 1 | 2.000 (— / +0.000) | 0.125 | 0.250 |",
-        "| InfoBatch | Random | 1 | 2.000 (+0.000 / +0.000) | 0.370 ⚠ +196% | 0.740 ⚠ +196% |",
-        "| InfoBatch (truncated) (lr_scale=0.5) | SparseVLM (inverted) | 1 | 2.000 (+0.000 / +0.000) "
-        "| 0.100 ⚠ −20% | 0.200 ⚠ −20% |",
-        "| Q-Tuning | — | 1 | 2.000 (+0.000 / +0.000) | 0.130 | 0.270 |",
-        "| Full data | — | 1 | 2.000 (+0.000 / —) | 1.000 | 1.000 |",
+    metrics = summarize.default_metrics(summarize.collect(tmp_path))
+    assert metrics == ["val/loss", "val/ppl", "prune/bwd_tokens_total", "train/response_tokens_total"]
+    lines = table_lines(tmp_path, ["val/loss", "train/response_tokens_total", "prune/bwd_tokens_total"])
+    start = lines.index(
+        "| Sample pruner | Token pruner | n | val/loss | train/response_tokens_total | prune/bwd_tokens_total "
+        "| spent loss tokens | spent bwd tokens |"
+    )
+    spent = [line.split(" | ")[:2] + line.split(" | ")[-2:] for line in lines[start + 3 : start + 8]]
+    assert spent == [
+        ["| Random", "Random", "0.125", "0.250 |"],
+        ["| InfoBatch", "Random", "0.370 ⚠ +196%", "0.740 ⚠ +196% |"],
+        ["| InfoBatch (truncated) (lr_scale=0.5)", "SparseVLM (inverted)", "0.100 ⚠ −20%", "0.200 ⚠ −20% |"],
+        ["| Q-Tuning", "—", "0.130", "0.270 |"],
+        ["| Full data", "—", "1.000", "1.000 |"],
     ]
     assert "r_sample × r_token of the loss tokens (s25_t50: 0.125) and r_sample of the backward" in lines[-1]
+    # a table of other metrics has no spent columns: they stand beside the totals they come from
+    assert table_lines(tmp_path, ["val/loss"])[start] == "| Sample pruner | Token pruner | n | val/loss |"
