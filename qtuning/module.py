@@ -364,17 +364,17 @@ class SFTModule(LightningModule):
 
     def planned_total_steps(self) -> int | None:
         """The run's length in optimizer steps, the one place it is answered: the steps taken so far, plus for this
-        epoch (from where it stands) and every later one its planned batches over the accumulation (Lightning steps
-        at an epoch's end even when the window is short), capped by max_steps; None without any limit.
+        epoch and every later one its planned batches over the accumulation (Lightning steps at an epoch's end even
+        when the window is short), capped by max_steps; None without any limit.
 
-        Not `estimated_stepping_batches`: that builds a train loader early, and a resumed run could then not restore
-        the loader's position."""
+        Asked only where an epoch starts whole: in `configure_optimizers` (a resumed run then restores the schedule's
+        own length from its checkpoint) and in `on_train_epoch_start` (which Lightning skips when it resumes in the
+        middle of an epoch). Not `estimated_stepping_batches`: that builds a train loader early, and a resumed run
+        could then not restore the loader's position."""
         trainer = self.trainer
         batches = trainer.datamodule.planned_batches(trainer.current_epoch)
         if batches is None:  # no epoch limit
             return trainer.max_steps if trainer.max_steps > 0 else None
-        if batches:
-            batches[0] -= trainer.datamodule.batches_trained()  # a resumed epoch counts from where it stopped
         total = trainer.global_step + sum(math.ceil(b / trainer.accumulate_grad_batches) for b in batches)
         return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
 

@@ -93,6 +93,24 @@ def test_fast_dev_run_for_each_policy(tiny_cfg, pruner):
     assert all(changed)
 
 
+@pytest.mark.parametrize(
+    "pruner",
+    [["pruner=none"], ["pruner=combo", "pruner/sample=infobatch", "pruner/token=random"]],
+    ids=["none", "infobatch"],
+)
+def test_the_schedule_ends_where_the_run_does(tiny_cfg, pruner):
+    # 40 training rows in batches of 4, 2 per optimizer step, 3 epochs: 30 steps for pruner=none; InfoBatch's
+    # epochs after the first are shorter and known only when they start.
+    cfg = tiny_cfg(*pruner, "budget=s50_t70", "trainer.max_steps=-1", "trainer.max_epochs=3")
+    cfg.trainer.accumulate_grad_batches = 2
+    _, objects = train(cfg)
+    steps = objects["trainer"].global_step
+    if pruner == ["pruner=none"]:
+        assert steps == 3 * 5
+    scheduler = objects["trainer"].lr_scheduler_configs[0].scheduler
+    assert objects["module"].total_steps == scheduler.total_steps == steps
+
+
 def test_validation_loss_and_metrics_file(tiny_cfg, tmp_path):
     cfg = tiny_cfg("pruner=none", "trainer.max_steps=4", "optimizer.lr=0.01")
     metrics, _ = train(cfg)

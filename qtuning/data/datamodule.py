@@ -249,10 +249,10 @@ class SFTDataModule(LightningDataModule):
             collate_fn=self._collate,
             num_workers=self.num_workers,
             epoch=epoch,
-            position=self.batches_trained,
+            position=self._batches_trained,
         )
 
-    def batches_trained(self) -> int:
+    def _batches_trained(self) -> int:
         """Training batches of the current epoch trained so far (what a checkpoint written now has seen)."""
         if self.trainer is None:
             return 0
