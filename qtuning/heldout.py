@@ -82,13 +82,15 @@ def heldout_metrics(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """``heldout/nll`` over the ``(prompt, response)`` pairs and ``heldout/match_acc`` over the ``(prompt, own,
-    other)`` triples, with their sizes."""
-    nll = response_nll(response_logprobs(model, tokenizer, heldout, max_length, batch_size))
-    own = response_logprobs(model, tokenizer, [(p, o) for p, o, _ in matching], max_length, batch_size)
-    other = response_logprobs(model, tokenizer, [(p, x) for p, _, x in matching], max_length, batch_size)
+    other)`` triples, with their sizes. Each distinct pair is scored once: a triple's own pair is usually a held-out
+    pair already."""
+    pairs = list(dict.fromkeys([*heldout, *((p, o) for p, o, _ in matching), *((p, x) for p, _, x in matching)]))
+    scores = dict(zip(pairs, response_logprobs(model, tokenizer, pairs, max_length, batch_size), strict=True))
     return {
-        "heldout/nll": nll,
-        "heldout/match_acc": matching_accuracy(own, other),
+        "heldout/nll": response_nll([scores[pair] for pair in heldout]),
+        "heldout/match_acc": matching_accuracy(
+            [scores[p, o] for p, o, _ in matching], [scores[p, x] for p, _, x in matching]
+        ),
         "heldout/n_pairs": float(len(heldout)),
         "heldout/n_matching": float(len(matching)),
     }
