@@ -443,7 +443,7 @@ def time_steps(out: Path, steps: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT, help="data and job directories (default logs/noisy_sft)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="action", required=True)
     b = commands.add_parser("build", help="write the data sets")
     b.add_argument("--n-train", type=int, default=176)
     b.add_argument("--n-heldout", type=int, default=64)
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     r = commands.add_parser("run", help="train and score every job not yet done")
     r.add_argument("--rows", nargs="+", default=[BASE, *ROWS], choices=[BASE, *ROWS])
     r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    r.add_argument("overrides", nargs="*", help="extra overrides for every training job")
+    r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every training job")
     w = commands.add_parser("report", help="write the Markdown report and its plot")
     w.add_argument("--write", type=Path, default=ROOT / "docs" / "results" / "noisy_sft.md")
     w.add_argument("--command", default="python -m scripts.noisy_sft run", help="the command the report names")
@@ -460,13 +460,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.command == "build":
+    if args.action == "build":
         build(args.out, args.n_train, args.n_heldout, args.noise, args.seed)
-    elif args.command == "run":
-        run(args.out, args.rows, args.seeds, args.overrides)
-    elif args.command == "report":
-        text = report(args.out, args.write, args.command)
+    elif args.action == "run":
+        run(args.out, args.rows, args.seeds, args.override)
+    elif args.action == "report":
         args.write.parent.mkdir(parents=True, exist_ok=True)
+        text = report(args.out, args.write, args.command)
         args.write.write_text(text)
         print(text)
     else:

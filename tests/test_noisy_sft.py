@@ -131,3 +131,12 @@ def test_cut_to_fit_drops_the_last_words_until_the_pair_fits():
     fit = noisy_sft.cut_to_fit(lambda prompt, response: len(prompt) + len(response), max_length=12)
     assert fit("abcd", "one two three") == "one two"  # 4 + 7 ≤ 12
     assert fit("abcdefghijklmn", "one two") == "one"  # never empty
+
+
+def test_the_report_command_writes_the_doc_and_its_plot(fabricated, tmp_path, capsys):
+    doc = tmp_path / "out" / "noisy_sft.md"
+    noisy_sft.main(["--out", str(fabricated), "report", "--write", str(doc), "--command", "python -m x run"])
+    text = doc.read_text()
+    assert text.startswith("# Does Q-Tuning protect fine-tuning from bad data?")
+    assert "Command: `python -m x run`" in text and "## Sizing" in text and "## Reading" in text
+    assert (doc.parent / "noisy_sft.png").exists() and text in capsys.readouterr().out
