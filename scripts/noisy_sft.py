@@ -222,8 +222,9 @@ def run(out: Path, rows: Sequence[str], seeds: Sequence[int], extra: Sequence[st
         raise QTuningError(f"{data}: no {missing[0]}; run `python -m scripts.noisy_sft build` first")
     todo = [job for job in jobs(out, rows, seeds) if not job.done]
     print(f"{len(todo)} job(s) to run" + "".join(f"\n  {job.dir.relative_to(out)}" for job in todo), flush=True)
-    started = time.time()
+    part = time.time()
     for job in todo:
+        started = time.time()
         job.dir.mkdir(parents=True, exist_ok=True)
         if job.row != BASE and not (job.dir / "metrics.json").exists():
             result = subprocess.run(train_command(job, data, extra), cwd=ROOT)
@@ -232,9 +233,9 @@ def run(out: Path, rows: Sequence[str], seeds: Sequence[int], extra: Sequence[st
         metrics = score(job, data)
         (job.dir / "heldout.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"{job.dir.relative_to(out)}: {metrics}", flush=True)
-    if todo:  # the wall time of every part, for the report
-        with (out / "runs.jsonl").open("a") as f:
-            f.write(json.dumps({"started": started, "seconds": time.time() - started, "jobs": len(todo)}) + "\n")
+        with (out / "runs.jsonl").open("a") as f:  # each job's wall time, for the report (a killed part keeps its own)
+            entry = {"part": part, "job": str(job.dir.relative_to(out)), "seconds": time.time() - started}
+            f.write(json.dumps(entry) + "\n")
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -374,8 +375,9 @@ def report(out: Path, doc: Path, command: str) -> str:
     data = out / "data"
     kinds = [row["kind"] for row in read_jsonl(data / "train_noisy.jsonl", ["kind"])]
     n_heldout = len(read_jsonl(data / "heldout.jsonl", ["prompt"]))
-    parts = read_jsonl(out / "runs.jsonl", ["seconds", "jobs"]) if (out / "runs.jsonl").exists() else []
-    wall_s = sum(part["seconds"] for part in parts)
+    timed = read_jsonl(out / "runs.jsonl", ["part", "seconds"]) if (out / "runs.jsonl").exists() else []
+    wall_s = sum(entry["seconds"] for entry in timed)
+    parts = {entry["part"] for entry in timed}
     expected = len(ROWS) * len(SEEDS) + 1
     done = sum(len(r) for r in results.values())
     lines = [

@@ -48,7 +48,8 @@ def fabricated(tmp_path: Path) -> Path:
         write_job(tmp_path, "random_random", seed, rr, 0.60, [[0, 2], [5, 7]], "train_noisy.jsonl")
         # robust: clean rows 0, 1, 4, 7 reached 1+2+1+2 = 6 of 8 chances; only the loop row (5) of the noise, twice
         write_job(tmp_path, "qtuning_robust", seed, robust, 0.75, [[0, 1, 5], [4, 7], [1, 5], [7]], "train_noisy.jsonl")
-    noisy_sft.write_jsonl(tmp_path / "runs.jsonl", [{"seconds": 1800.0, "jobs": 4}, {"seconds": 1200.0, "jobs": 2}])
+    timed = [{"part": 1.0, "seconds": 1000.0}, {"part": 1.0, "seconds": 800.0}, {"part": 7.0, "seconds": 1200.0}]
+    noisy_sft.write_jsonl(tmp_path / "runs.jsonl", timed)
     return tmp_path
 
 
@@ -88,7 +89,7 @@ def test_report_names_the_command_the_data_and_the_jobs_done(fabricated, tmp_pat
     doc.parent.mkdir()
     text = noisy_sft.report(fabricated, doc, "python -m scripts.noisy_sft run")
     command = "Command: `python -m scripts.noisy_sft run`, then `python -m scripts.noisy_sft report` — 50 min"
-    assert command + " of wall time in 2 part(s)" in text  # 1,800 s + 1,200 s
+    assert command + " of wall time in 2 part(s)" in text  # 1,000 + 800 + 1,200 s in two parts
     assert "6 of 22 jobs done" in text
     assert (
         "8 real single-turn ShareGPT pairs for training, 4 clean, 1 mismatched, 1 shuffled, 1 loop, 1 truncated" in text
@@ -125,6 +126,10 @@ def test_run_skips_done_jobs_and_scores_trained_ones_without_retraining(tmp_path
     assert calls[0][-1] == "trainer.max_steps=2"
     assert json.loads((trained / "heldout.json").read_text()) == {"heldout/nll": 2.0}  # scored, not trained again
     assert (tmp_path / "jobs" / "base" / "heldout.json").exists() and (done / "heldout.json").read_text() == "{}"
+    timed = noisy_sft.read_jsonl(tmp_path / "runs.jsonl", ["part", "job", "seconds"])
+    assert [entry["job"] for entry in timed] == ["jobs/base", "jobs/qtuning/seed2", "jobs/full_clean/seed1",
+                                                 "jobs/full_clean/seed2"]  # fmt: skip
+    assert len({entry["part"] for entry in timed}) == 1
 
 
 def test_cut_to_fit_drops_the_last_words_until_the_pair_fits():
