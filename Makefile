@@ -22,7 +22,7 @@ train: setup
 	$(OFFLINE) $(BIN)/python -m qtuning.train $(ARGS)
 
 test: setup
-	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -n 2
 
 lint: setup
 	$(BIN)/ruff check .
