@@ -52,6 +52,12 @@ def response_tokens(batch: Batch, rows: Tensor, weight: Tensor) -> int:
     return int((response[:, : weight.shape[1]] & (weight > 0)).sum())
 
 
+def row_mean_loss(ce: Tensor, weight: Tensor) -> Tensor:
+    """``[K]``: each row's mean loss over the positions that count (``ce``, ``weight`` ``[K, T'-1]``), what
+    dataset-level pruners such as InfoBatch score samples by."""
+    return (ce * weight).sum(1) / weight.sum(1).clamp(min=1)
+
+
 class KeptForward(NamedTuple):
     """One training forward: the loss sum, per-token cross-entropy and loss weights of the rows that went through it."""
 
@@ -180,9 +186,8 @@ class SFTModule(LightningModule):
         self.add_to_window(loss_sum, weight.sum(), (fwd_tokens, bwd_tokens, response_tokens(batch, rows, weight)))
         self._window_input_tokens += int(batch["attention_mask"].sum())
         self.log_decision(stats, decision, fwd_tokens, bwd_tokens)
-        row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
         # Lightning divides the loss by accumulate_grad_batches; on_before_optimizer_step undoes that.
-        row_losses = (batch["sample_idx"][rows], row_loss)
+        row_losses = (batch["sample_idx"][rows], row_mean_loss(ce, weight))
         return {"loss": loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
 
     def window_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
@@ -211,8 +216,7 @@ class SFTModule(LightningModule):
             self.bad_steps_in_a_row = 0
             self.add_to_window(loss_sum, weight.sum(), (positions, positions, response_tokens(batch, rows, weight)))
             trained += positions
-            row_loss = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)  # [K]
-            losses.append((batch["sample_idx"][rows], row_loss))
+            losses.append((batch["sample_idx"][rows], row_mean_loss(ce, weight)))
         self._window_input_tokens += int(batch["attention_mask"].sum())
         self._window_positions[0] += scored
         self.log_decision(stats, decision, scored + trained, trained)
