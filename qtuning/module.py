@@ -58,6 +58,12 @@ def row_mean_loss(ce: Tensor, weight: Tensor) -> Tensor:
     return (ce * weight).sum(1) / weight.sum(1).clamp(min=1)
 
 
+def zero_for_every_parameter(model: torch.nn.Module) -> Tensor:
+    """A loss of 0 whose backward gives every trainable parameter a gradient of 0: a skipped micro-batch's stand-in
+    that still fires DDP's gradient hooks, so this device joins the all-reduce the others wait in."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
 class KeptForward(NamedTuple):
     """One training forward: the loss sum, per-token cross-entropy and loss weights of the rows that went through it."""
 
@@ -211,6 +217,8 @@ class SFTModule(LightningModule):
                 loss_sum, ce, weight, rows, positions = self.train_rows(batch, group, decision)
                 if not torch.isfinite(loss_sum):
                     self.skip_nonfinite(batch_idx)
+                    if i == len(groups) - 1:  # the other devices wait in this backward's all-reduce: join it with 0
+                        self.manual_backward(zero_for_every_parameter(self.model))
                     continue
                 self.manual_backward(loss_sum)
             self.bad_steps_in_a_row = 0

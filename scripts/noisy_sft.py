@@ -416,14 +416,29 @@ def report(out: Path, doc: Path, command: str) -> str:
         "",
         SIZING,
         "",
-        "## Reading",
+        READING,
         "",
-        "(Written from the numbers above once every job is done: what they show, what they do not, and, where the "
-        "robust rule does not beat Random / Random, what the reached-the-loss fractions and the runs' `csv/` logs "
-        "suggest about why.)",
+        earlier_reading(doc) or READING_TO_WRITE,
         "",
     ]
     return "\n".join(lines)
+
+
+READING = "## Reading"
+READING_TO_WRITE = (
+    "(Written by hand from the numbers above once every job is done: what they show, what they do not, and, where "
+    "the robust rule does not beat Random / Random, what the reached-the-loss fractions and the runs' `csv/` logs "
+    "suggest about why. A rerun of `report` keeps what is written here.)"
+)
+
+
+def earlier_reading(doc: Path) -> str | None:
+    """The hand-written Reading of an earlier report at ``doc`` (everything after its heading), kept by a rerun."""
+    if not doc.exists():
+        return None
+    _, found, reading = doc.read_text().partition(f"\n{READING}\n")
+    reading = reading.strip()
+    return reading if found and reading and reading != READING_TO_WRITE else None
 
 
 # ---- time ----------------------------------------------------------------------------------------------------------
@@ -469,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.action == "report":
         args.write.parent.mkdir(parents=True, exist_ok=True)
         text = report(args.out, args.write, args.command)
+        if earlier_reading(args.write):
+            print(f"kept the Reading of {args.write}: check it against the new numbers", file=sys.stderr)
         args.write.write_text(text)
         print(text)
     else:

@@ -10,7 +10,7 @@ import signal
 import torch
 from lightning.pytorch import Callback
 
-from qtuning.pruning import NoPruning
+from qtuning.pruning import NoPruning, QTuningPolicy
 
 
 class SignalAtStep(Callback):
@@ -55,8 +55,10 @@ class RecordSteps(Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats, decision = outputs["stats"], outputs["decision"]
-        self.kept.append(sorted(stats.sample_idx[decision.sample_keep].tolist()))
+        if not outputs:  # every micro-batch of the window had a non-finite loss here (manual optimization: {})
+            self.kept.append([])
+        else:
+            self.kept.append(sorted(outputs["stats"].sample_idx[outputs["decision"].sample_keep].tolist()))
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -113,5 +115,21 @@ class NonFiniteFirst(NoPruning):
         decision = super().select(stats)
         if self.bad > 0:
             self.bad -= 1
+            decision.loss_scale = torch.full((stats.batch_size,), float("nan"))
+        return decision
+
+
+class NonFiniteOnRankOneFirst(QTuningPolicy):
+    """Q-Tuning whose loss weights are NaN on rank 1 in its first decision: in window scope that process skips every
+    micro-batch of the window, its last one included, while the others wait in that backward's all-reduce."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spoiled = False
+
+    def select(self, stats):
+        decision = super().select(stats)
+        if not self.spoiled and torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            self.spoiled = True
             decision.loss_scale = torch.full((stats.batch_size,), float("nan"))
         return decision

@@ -145,3 +145,13 @@ def test_the_report_command_writes_the_doc_and_its_plot(fabricated, tmp_path, ca
     assert text.startswith("# Does Q-Tuning protect fine-tuning from bad data?")
     assert "Command: `python -m x run`" in text and "## Sizing" in text and "## Reading" in text
     assert (doc.parent / "noisy_sft.png").exists() and text in capsys.readouterr().out
+
+
+def test_a_rerun_of_the_report_keeps_the_hand_written_reading(fabricated, tmp_path):
+    doc = tmp_path / "noisy_sft.md"
+    first = noisy_sft.report(fabricated, doc, "python -m x run")
+    assert first.endswith(f"## Reading\n\n{noisy_sft.READING_TO_WRITE}\n")
+    reading = "Q-Tuning kept the noise out.\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+    doc.write_text(first.replace(noisy_sft.READING_TO_WRITE, reading))
+    again = noisy_sft.report(fabricated, doc, "python -m y run")
+    assert again.endswith(f"## Reading\n\n{reading}\n") and "Command: `python -m y run`" in again
