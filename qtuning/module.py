@@ -228,7 +228,6 @@ class SFTModule(LightningModule):
         self._window_input_tokens += int(batch["attention_mask"].sum())
         self._window_positions[0] += scored
         self.log_decision(stats, decision, scored + trained, trained)
-        self.log_window(decision)
         window_loss_sum = self._window_loss_sum  # the step below starts the next window's sums
         optimizer = self.optimizers()
         optimizer.step()
@@ -281,18 +280,6 @@ class SFTModule(LightningModule):
             on_step=True,
             on_epoch=False,
             batch_size=stats.batch_size,
-        )
-
-    def log_window(self, decision: PruneDecision) -> None:
-        """The window's rows over every device and the fraction of them its one decision kept."""
-        keep = decision.sample_keep  # [W] this device's rows
-        counts = torch.tensor([keep.numel(), int(keep.sum())], device=keep.device)
-        rows, kept = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        self.log_dict(
-            {"prune/window_rows": float(rows), "prune/window_kept_samples": kept / max(rows, 1)},
-            on_step=True,
-            on_epoch=False,
-            batch_size=keep.numel(),
         )
 
     def skip_nonfinite(self, batch_idx: int) -> None:

@@ -53,7 +53,7 @@ class RecordSteps(Callback):
         self.dirpath = dirpath
         self.kept: list[list[int]] = []
         self.losses: list[float] = []
-        self.windows: list[tuple[float, float]] = []
+        self.decisions: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not outputs:  # every micro-batch of the window had a non-finite loss here (manual optimization: {})
@@ -61,13 +61,12 @@ class RecordSteps(Callback):
         else:
             self.kept.append(sorted(outputs["stats"].sample_idx[outputs["decision"].sample_keep].tolist()))
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
-        if "prune/window_rows" in trainer.callback_metrics:  # threshold_scope=window: the window over every process
-            metrics = trainer.callback_metrics
-            self.windows.append((float(metrics["prune/window_rows"]), float(metrics["prune/window_kept_samples"])))
+        metrics = trainer.callback_metrics  # Q-Tuning's: the rows its decision covered (every process's) and kept
+        self.decisions.append((float(metrics["prune/decision_rows"]), float(metrics["prune/decision_keep"])))
 
     def on_train_end(self, trainer, pl_module) -> None:
         weights = {k: p.detach().clone() for k, p in pl_module.model.named_parameters() if p.requires_grad}
-        record = {"kept": self.kept, "losses": self.losses, "windows": self.windows, "weights": weights}
+        record = {"kept": self.kept, "losses": self.losses, "decisions": self.decisions, "weights": weights}
         torch.save(record, os.path.join(self.dirpath, f"steps_rank{trainer.global_rank}.pt"))
 
 

@@ -81,8 +81,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def test_one_process_windows_equal_one_micro_batch_of_the_window(tmp_path, reference, layout, budget):
     got = train_in_process(tmp_path, *LAYOUTS[layout], *BUDGETS[budget])
     assert_same_steps(got, reference[budget])
-    assert got["per_rank"][0]["windows"] == [(8.0, KEPT_PER_STEP[budget] / 8)] * 5
-    assert reference[budget]["per_rank"][0]["windows"] == []  # logged only when one decision covers a window
+    # the dashboard's decision: 8 rows, the budget's share kept, as the local micro-batch of 8 (not 2 rows under 2 × 4)
+    assert got["per_rank"][0]["decisions"] == [(8.0, KEPT_PER_STEP[budget] / 8)] * 5
+    assert reference[budget]["per_rank"][0]["decisions"] == got["per_rank"][0]["decisions"]
 
 
 def test_local_decisions_under_accumulation_keep_other_samples(tmp_path, reference, monkeypatch):
@@ -110,8 +111,8 @@ def test_two_processes_decide_and_train_as_one(tmp_path, reference, budget):
     assert result.returncode == 0, result.stderr[-3000:]
     got = recorded(run_dir, world=2)
     assert_same_steps(got, reference[budget])
-    for rank in got["per_rank"]:  # the dashboard's window: 8 rows over both processes, the budget's share kept
-        assert rank["windows"] == [(8.0, KEPT_PER_STEP[budget] / 8)] * 5
+    for rank in got["per_rank"]:  # the dashboard's decision: 8 rows over both processes, the budget's share kept
+        assert rank["decisions"] == [(8.0, KEPT_PER_STEP[budget] / 8)] * 5
     rank_kept = [r["kept"] for r in got["per_rank"]]
     if budget == "s12":  # each step one process kept nothing, trained a weight-0 row and still joined the all-reduce
         assert all(not a or not b for a, b in zip(*rank_kept, strict=True))
