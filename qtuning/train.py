@@ -53,6 +53,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # and clips it itself: the Trainer then neither accumulates nor clips.
     per_window = policy.decides_per_window
     window_trainer = {"accumulate_grad_batches": 1, "gradient_clip_val": None} if per_window else {}
+    # data.val_size 0: Lightning skips validation instead of warning about an empty loader
+    no_validation = {} if datamodule.val_examples else {"limit_val_batches": 0}
     module = SFTModule(
         model,
         policy,
@@ -78,6 +80,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             reload_dataloaders_every_n_epochs=1,
             use_distributed_sampler=False,
             **window_trainer,
+            **no_validation,
         )
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

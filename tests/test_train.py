@@ -119,6 +119,14 @@ def test_validation_loss_and_metrics_file(tiny_cfg, tmp_path):
     assert (tmp_path / "metrics.json").exists()
 
 
+def test_no_validation_split_means_no_validation_and_no_warning(tiny_cfg, recwarn):
+    cfg = tiny_cfg("pruner=none", "trainer.max_steps=2", "trainer.val_check_interval=1", "data.val_size=0")
+    metrics, objects = train(cfg)
+    assert "val/loss" not in metrics and "val/loss_start" not in metrics
+    assert objects["trainer"].global_step == 2
+    assert not [w for w in recwarn if "across ranks is zero" in str(w.message)]
+
+
 def test_resume_restores_the_policy_state(tiny_cfg, tmp_path):
     from lightning.pytorch import Callback
 
