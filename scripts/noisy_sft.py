@@ -20,8 +20,9 @@
    plot, and the jobs' wall time.
 
 Sizing: `SIZING` below, which the report repeats. The defaults (``--n-train 176 --n-heldout 64``, 3 epochs in
-conf/experiment/noisy_sft.yaml) are sized for the 22 jobs to take about 1 h 50 min on this 2-core CPU when it is
-quiet; ``python -m scripts.noisy_sft time`` measures the step times of the row shapes that set the cost.
+conf/experiment/noisy_sft.yaml) are sized for the 22 jobs to take at most about 1 h 50 min on this 2-core CPU when
+it is quiet (they took 81 min); ``python -m scripts.noisy_sft time`` measures the step times of the row shapes that
+set the cost.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ and 30 s to score its adapter (64 held-out pairs and 64 other responses: 128 for
 N = 176 pairs for 3 epochs: S = 66, 3 seeds · 27.4 · 66 = 90 min of training plus 22 · 50 s = 18 min: about
 1 h 50 min. Measured here beside other jobs at nice 19 (`python -m scripts.noisy_sft time`, 6 steps each), a step
 took 36–52 s for every one of the three shapes (full data, Random / Random, Q-Tuning), 7–10× the quiet figures:
-the full run needs the machine to itself."""
+the full run needs the machine to itself. The first full run, alone on the machine: 81 min for the 22 jobs, 27 min a
+seed (the bound above is 1.35× that), each job's wall time with start-up and scoring: full data 250–335 s, Random /
+Random 100–115 s, Q-Tuning 230–260 s, InfoBatch / Random 180–220 s, the window row 185–220 s, the base model 28 s.
+A killed job counts only the part that finished it (`runs.jsonl`)."""
 FILES = ("train_noisy.jsonl", "train_clean.jsonl", "heldout.jsonl", "matching.jsonl")
 
 
@@ -320,10 +324,15 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def reached_table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
-    """Per row, the mean over seeds of each kind's fraction that reached the loss, and each corrupted kind's ratio
-    to clean's (1: as often as clean rows), with the run's steps and training time."""
-    head = ["Row", *KINDS, "noise ÷ clean", "optimizer steps", "training s / job"]
+def reached_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dict[str, int]) -> list[str]:
+    """Per row, the mean over seeds of each kind's fraction that reached the loss, the corrupted kinds' mean ratio
+    to clean's (1: as often as clean rows), the corrupted share of what reached the loss (``kind_sizes``: the
+    training rows of each kind), the response tokens the loss learnt from over full data's on the noisy set, with
+    the run's steps and training time."""
+    head = ["Row", *KINDS, "noise ÷ clean", "noise share of the loss", "response tokens ÷ full", "optimizer steps",
+            "training s / job"]  # fmt: skip
+    tokens = "train/response_tokens_total"
+    full = [e["train"][tokens] for e in results.get("full_noisy", {}).values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ROWS:
         entries = list(results.get(row, {}).values())
@@ -338,6 +347,11 @@ def reached_table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
         noisy = [means[k] for k in NOISE_KINDS if means[k] is not None]
         ratio = statistics.fmean(noisy) / means["clean"] if noisy and means["clean"] else None
         cells.append(fmt(ratio, 2))
+        learnt = {k: means[k] * kind_sizes.get(k, 0) for k in KINDS if means[k] is not None}  # sample-epochs
+        total = sum(learnt.values())
+        cells.append(fmt(sum(learnt.get(k, 0.0) for k in NOISE_KINDS) / total if total else None, 2))
+        learnt_tokens = statistics.fmean(e["train"][tokens] for e in entries)
+        cells.append(fmt(learnt_tokens / statistics.fmean(full) if full else None, 3))
         cells.append(fmt(statistics.fmean(e["train"]["trainer/global_step"] for e in entries), 0))
         cells.append(fmt(statistics.fmean(e["train"]["runtime_s"] for e in entries), 0))
         lines.append("| " + " | ".join(cells) + " |")
@@ -345,12 +359,17 @@ def reached_table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
 
 
 def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
-    """One panel per metric: every seed as a dot, the row mean ± std as a bar; full data (noisy) dashed."""
+    """One panel per metric: every seed as a dot, the row mean ± std as a bar; full data (noisy) dashed. A last
+    panel puts each trained job's held-out NLL against the response tokens its loss learnt from."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [r for r in [BASE, *ROWS] if r in results][::-1]  # the table's first row on top
-    fig = Figure(figsize=(11, 0.45 * len(rows) + 1.5), layout="constrained")
-    for ax, (metric, name) in zip(fig.subplots(1, len(METRICS), sharey=True), METRICS, strict=True):
+    fig = Figure(figsize=(16, 0.45 * len(rows) + 1.5), layout="constrained")
+    *panels, learnt = fig.subplots(1, len(METRICS) + 1, gridspec_kw={"width_ratios": [1] * len(METRICS) + [1.1]})
+    panels[1].sharey(panels[0])
+    panels[1].tick_params(labelleft=False)
+    for ax, (metric, name) in zip(panels, METRICS, strict=True):
         for y, row in enumerate(rows):
             values = list(by_seed(results, row, metric).values())
             mean, std = mean_std(values)
@@ -362,6 +381,18 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
         ax.set_yticks(range(len(rows)), [ROWS[r][0] if r in ROWS else "Base model" for r in rows])
         ax.set_title(name, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
+    for i, row in enumerate(r for r in ROWS if r in results):
+        entries = results[row].values()
+        x = [e["train"]["train/response_tokens_total"] for e in entries]
+        learnt.scatter(x, [e["heldout"]["heldout/nll"] for e in entries], s=18, color=f"C{i}", label=ROWS[row][0])
+    learnt.set_xscale("log")
+    learnt.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    learnt.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+    learnt.xaxis.set_minor_formatter(NullFormatter())
+    learnt.set_xlabel("response tokens in the loss over the run (log scale)")
+    learnt.set_title("held-out NLL ↓ against the tokens learnt from, per job", fontsize=10)
+    learnt.grid(alpha=0.3)
+    learnt.legend(fontsize=7)
     fig.suptitle("mean ± std over seeds (grey dots: the seeds); dashed: full data on the noisy set", fontsize=9)
     fig.savefig(path, dpi=110)
 
@@ -374,6 +405,7 @@ def report(out: Path, doc: Path, command: str) -> str:
     plot(results, plot_path)
     data = out / "data"
     kinds = [row["kind"] for row in read_jsonl(data / "train_noisy.jsonl", ["kind"])]
+    noise_share = sum(map(kinds.count, NOISE_KINDS)) / len(kinds)
     n_heldout = len(read_jsonl(data / "heldout.jsonl", ["prompt"]))
     timed = read_jsonl(out / "runs.jsonl", ["part", "seconds"]) if (out / "runs.jsonl").exists() else []
     wall_s = sum(entry["seconds"] for entry in timed)
@@ -406,11 +438,14 @@ def report(out: Path, doc: Path, command: str) -> str:
         "",
         "## What reached the loss",
         "",
-        *reached_table(results),
+        *reached_table(results, {k: kinds.count(k) for k in KINDS}),
         "",
         "A kind's fraction: over the run, the optimizer steps in which its samples had a response token in the loss, "
         "over (its samples × epochs): 1 for full data; r_sample = 0.25 for a pruner blind to the noise. noise ÷ clean: "
-        "the corrupted kinds' mean fraction over clean's.",
+        "the corrupted kinds' mean fraction over clean's; noise share of the loss: of the (sample, epoch) pairs that "
+        f"reached the loss, the corrupted ones' share ({noise_share:.2f} of the training rows are corrupted); "
+        "response tokens ÷ full: the response tokens in the loss over the run (`train/response_tokens_total`), over "
+        "full data's on the noisy set.",
         "",
         "## Sizing",
         "",

@@ -31,7 +31,9 @@ def write_job(out: Path, row: str, seed: int, nll: float, acc: float, steps: lis
     job.mkdir(parents=True)
     heldout = {"heldout/nll": nll, "heldout/match_acc": acc, "heldout/runtime_s": 30.0}
     (job / "heldout.json").write_text(json.dumps(heldout))
-    (job / "metrics.json").write_text(json.dumps({"runtime_s": 270.0, "trainer/global_step": len(steps)}))
+    learnt = 100 * sum(map(len, steps)) + seed  # response tokens: 100 a sample reached, seed 2 one more
+    metrics = {"runtime_s": 270.0, "trainer/global_step": len(steps), "train/response_tokens_total": learnt}
+    (job / "metrics.json").write_text(json.dumps(metrics))
     locations = [f"{out / 'data' / train_file}:{line}" for line in range(1, 9)]
     record = {"locations": locations, "epochs": 2, "steps": [[i, i // 2, s] for i, s in enumerate(steps)]}
     (job / "reached_loss.json").write_text(json.dumps(record))
@@ -74,14 +76,20 @@ def test_report_table_by_hand(fabricated):
 
 
 def test_reached_fractions_per_kind_from_the_records(fabricated):
-    lines = noisy_sft.reached_table(noisy_sft.load_results(fabricated))
+    sizes = {"clean": 4, "mismatched": 1, "shuffled": 1, "loop": 1, "truncated": 1}  # KINDS above
+    lines = noisy_sft.reached_table(noisy_sft.load_results(fabricated), sizes)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines[2:]}
-    # columns: clean, mismatched, shuffled, loop, truncated, noise ÷ clean, steps, training s
-    assert rows["Full data, noisy set"] == ["1.000", "1.000", "1.000", "1.000", "1.000", "1.00", "4", "270 |"]
-    # Random / Random: clean 0 and 7 once each of 4 × 2 chances = 0.25; mismatched (2) 1/2; loop (5) 1/2
-    assert rows["Random / Random"][:6] == ["0.250", "0.500", "0.000", "0.500", "0.000", "1.00"]
-    # robust: clean 6/8; loop 2/2; the rest 0: noise mean 0.25 over clean 0.75
-    assert rows["Q-Tuning (fill_up=rank, ppl_guard=0.25)"][:6] == ["0.750", "0.000", "0.000", "1.000", "0.000", "0.33"]
+    # columns: clean, mismatched, shuffled, loop, truncated, noise ÷ clean, noise share, tokens, steps, training s
+    # share: 4 noisy of 8 rows; tokens 1,601.5 over itself
+    full = ["1.000", "1.000", "1.000", "1.000", "1.000", "1.00", "0.50", "1.000", "4", "270 |"]
+    assert rows["Full data, noisy set"] == full
+    # Random / Random: clean 0 and 7 once each of 4 × 2 chances = 0.25; mismatched (2) 1/2; loop (5) 1/2;
+    # share: 0.5 + 0.5 noisy sample-epochs of 0.25 · 4 + 1 in all
+    # tokens: 401.5 of 1,601.5
+    assert rows["Random / Random"][:8] == ["0.250", "0.500", "0.000", "0.500", "0.000", "1.00", "0.50", "0.251"]
+    # robust: clean 6/8; loop 2/2; the rest 0: noise mean 0.25 over clean 0.75; share 1 of 0.75 · 4 + 1
+    robust = ["0.750", "0.000", "0.000", "1.000", "0.000", "0.33", "0.25", "0.500"]  # tokens: 801.5 of 1,601.5
+    assert rows["Q-Tuning (fill_up=rank, ppl_guard=0.25)"][:8] == robust
 
 
 def test_report_names_the_command_the_data_and_the_jobs_done(fabricated, tmp_path):
