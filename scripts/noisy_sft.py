@@ -1,5 +1,6 @@
 """Does Q-Tuning protect fine-tuning from bad data? A controlled noisy-SFT experiment with known noise (issue 17).
 
+    python -m scripts.noisy_sft all                        # the whole experiment: build (unless built), run, report
     python -m scripts.noisy_sft build                      # the data: logs/noisy_sft/data/
     python -m scripts.noisy_sft run                        # every job not yet finished (resumable, in parts)
     python -m scripts.noisy_sft run --rows qtuning --seeds 1   # a part
@@ -415,7 +416,7 @@ def report(out: Path, doc: Path, command: str) -> str:
     lines = [
         "# Does Q-Tuning protect fine-tuning from bad data? A controlled noisy-SFT experiment",
         "",
-        f"Command: `{command}`, then `python -m scripts.noisy_sft report` — {wall_s / 60:.0f} min of wall time in "
+        f"Command: `{command}` — {wall_s / 60:.0f} min of wall time in "
         f"{len(parts)} part(s) on this machine ({os.cpu_count()} CPU cores); {done} of {expected} jobs done.",
         "",
         f"Data (`python -m scripts.noisy_sft build`): {len(kinds)} real single-turn ShareGPT pairs for training, "
@@ -496,34 +497,39 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT, help="data and job directories (default logs/noisy_sft)")
     commands = parser.add_subparsers(dest="action", required=True)
+    every = commands.add_parser("all", help="build the data unless built, run every job not yet done, report")
     b = commands.add_parser("build", help="write the data sets")
-    b.add_argument("--n-train", type=int, default=176)
-    b.add_argument("--n-heldout", type=int, default=64)
-    b.add_argument("--noise", type=float, default=0.3)
-    b.add_argument("--seed", type=int, default=0)
     r = commands.add_parser("run", help="train and score every job not yet done")
-    r.add_argument("--rows", nargs="+", default=[BASE, *ROWS], choices=[BASE, *ROWS])
-    r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every training job")
     w = commands.add_parser("report", help="write the Markdown report and its plot")
-    w.add_argument("--write", type=Path, default=ROOT / "docs" / "results" / "noisy_sft.md")
-    w.add_argument("--command", default="python -m scripts.noisy_sft run", help="the command the report names")
+    for sub in (every, b):
+        sub.add_argument("--n-train", type=int, default=176)
+        sub.add_argument("--n-heldout", type=int, default=64)
+        sub.add_argument("--noise", type=float, default=0.3)
+        sub.add_argument("--seed", type=int, default=0)
+    for sub in (every, r):
+        sub.add_argument("--rows", nargs="+", default=[BASE, *ROWS], choices=[BASE, *ROWS])
+        sub.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+        sub.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every training job")
+    for sub in (every, w):
+        sub.add_argument("--write", type=Path, default=ROOT / "docs" / "results" / "noisy_sft.md")
+        sub.add_argument("--command", default="python -m scripts.noisy_sft all", help="the command the report names")
     t = commands.add_parser("time", help="time a few steps of the row shapes that set the cost")
     t.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.action == "build":
+    built = all((args.out / "data" / name).exists() for name in FILES)
+    if args.action == "build" or (args.action == "all" and not built):
         build(args.out, args.n_train, args.n_heldout, args.noise, args.seed)
-    elif args.action == "run":
+    if args.action in ("all", "run"):
         run(args.out, args.rows, args.seeds, args.override)
-    elif args.action == "report":
+    if args.action in ("all", "report"):
         args.write.parent.mkdir(parents=True, exist_ok=True)
         text = report(args.out, args.write, args.command)
         if earlier_reading(args.write):
             print(f"kept the Reading of {args.write}: check it against the new numbers", file=sys.stderr)
         args.write.write_text(text)
         print(text)
-    else:
+    if args.action == "time":
         time_steps(args.out, args.steps)
 
 

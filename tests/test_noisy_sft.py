@@ -96,8 +96,8 @@ def test_report_names_the_command_the_data_and_the_jobs_done(fabricated, tmp_pat
     doc = tmp_path / "docs" / "noisy_sft.md"
     doc.parent.mkdir()
     text = noisy_sft.report(fabricated, doc, "python -m scripts.noisy_sft run")
-    command = "Command: `python -m scripts.noisy_sft run`, then `python -m scripts.noisy_sft report` — 50 min"
-    assert command + " of wall time in 2 part(s)" in text  # 1,000 + 800 + 1,200 s in two parts
+    command = "Command: `python -m scripts.noisy_sft run` — 50 min of wall time in 2 part(s)"
+    assert command in text  # 1,000 + 800 + 1,200 s in two parts
     assert "6 of 22 jobs done" in text
     assert (
         "8 real single-turn ShareGPT pairs for training, 4 clean, 1 mismatched, 1 shuffled, 1 loop, 1 truncated" in text
@@ -163,3 +163,19 @@ def test_a_rerun_of_the_report_keeps_the_hand_written_reading(fabricated, tmp_pa
     doc.write_text(first.replace(noisy_sft.READING_TO_WRITE, reading))
     again = noisy_sft.report(fabricated, doc, "python -m y run")
     assert again.endswith(f"## Reading\n\n{reading}\n") and "Command: `python -m y run`" in again
+
+
+def test_all_builds_only_missing_data_then_runs_and_reports(fabricated, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(noisy_sft, "build", lambda *args: calls.append(("build", *args)))
+    monkeypatch.setattr(noisy_sft, "run", lambda out, rows, seeds, extra: calls.append(("run", rows, seeds)))
+    doc = tmp_path / "doc" / "noisy_sft.md"
+    noisy_sft.main(["--out", str(fabricated), "all", "--write", str(doc)])
+    assert calls == [("run", ["base", *noisy_sft.ROWS], [1, 2, 3])]  # the data is there: not rebuilt
+    assert "Command: `python -m scripts.noisy_sft all` — 50 min" in doc.read_text()
+    calls.clear()
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit):  # the stubs train nothing, so there is nothing to report
+        noisy_sft.main(["--out", str(empty), "all", "--seeds", "2", "--write", str(doc)])
+    assert "empty: no finished job" in capsys.readouterr().err
+    assert calls == [("build", empty, 176, 64, 0.3, 0), ("run", ["base", *noisy_sft.ROWS], [2])]
