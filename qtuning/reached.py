@@ -1,7 +1,8 @@
 """Which training samples reached the loss, from the run's own decisions: per optimizer step, the ``sample_idx`` of
-every row with a response token in the loss, written to ``<output_dir>/reached_loss.json`` at the end of training;
-and, given each sample's kind (e.g. the corruption `qtuning.data.corrupt` recorded), the fraction of each kind that
-reached the loss.
+every row with a response token in the loss, and of every row the sample decision kept (a kept row whose response
+tokens were all pruned is kept but does not reach the loss), written to ``<output_dir>/reached_loss.json`` at the
+end of training; and, given each sample's kind (e.g. the corruption `qtuning.data.corrupt` recorded), the fraction
+of each kind that reached the loss (or was kept).
 
     callbacks.reached._target_=qtuning.reached.ReachedLossLog     # or a `callbacks:` entry of an experiment
 """
@@ -30,6 +31,13 @@ def reached_rows(stats: BatchStats, decision: PruneDecision) -> list[int]:
     return sorted(stats.sample_idx[learnt].tolist())
 
 
+def kept_rows(stats: BatchStats, decision: PruneDecision) -> list[int]:
+    """The ``sample_idx`` of the rows the sample decision kept, whatever their tokens."""
+    if stats.sample_idx is None:
+        raise ValueError("kept_rows needs the batch's sample_idx in its BatchStats")
+    return sorted(stats.sample_idx[decision.sample_keep].tolist())
+
+
 def reach_counts(steps: Sequence[Sequence[int]], n_samples: int) -> list[int]:
     """How many optimizer steps each of ``n_samples`` samples reached the loss in, from each step's list."""
     counts = [0] * n_samples
@@ -55,17 +63,19 @@ def reached_fractions(counts: Sequence[int], kinds: Sequence[str], epochs: int) 
 
 
 class ReachedLossLog(L.Callback):
-    """Records, for each optimizer step, the samples with a response token in its loss; the record is part of the
-    callback's state, so a checkpoint carries it and a resumed run writes the same file as an uninterrupted one.
+    """Records, for each optimizer step, the samples with a response token in its loss and the samples kept; the
+    record is part of the callback's state, so a checkpoint carries it and a resumed run writes the same file as an
+    uninterrupted one.
 
     Single-device runs: under DDP each process sees its own batches, and only the first one's are written.
 
     ``reached_loss.json``: ``locations`` (each training ``sample_idx``'s ``file:line``), ``epochs`` (those trained)
-    and ``steps`` (``[step, epoch, [sample_idx, ...]]`` per optimizer step, 0-based)."""
+    and ``steps`` (``[step, epoch, [reached sample_idx, ...], [kept sample_idx, ...]]`` per optimizer step,
+    0-based)."""
 
     def __init__(self, filename: str = FILENAME) -> None:
         self.filename = filename
-        self.steps: dict[int, tuple[int, list[int]]] = {}  # optimizer step -> (epoch, samples reached)
+        self.steps: dict[int, tuple[int, list[int], list[int]]] = {}  # optimizer step -> (epoch, reached, kept)
         self._step = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -77,9 +87,10 @@ class ReachedLossLog(L.Callback):
     ) -> None:
         if not outputs:  # a skipped micro-batch (non-finite loss): nothing reached the loss
             return
-        reached = reached_rows(outputs["stats"], outputs["decision"])
-        epoch, before = self.steps.get(self._step, (trainer.current_epoch, []))
-        self.steps[self._step] = (epoch, sorted(before + reached))
+        stats, decision = outputs["stats"], outputs["decision"]
+        epoch, reached, kept = self.steps.get(self._step, (trainer.current_epoch, [], []))
+        reached, kept = sorted(reached + reached_rows(stats, decision)), sorted(kept + kept_rows(stats, decision))
+        self.steps[self._step] = (epoch, reached, kept)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -87,13 +98,15 @@ class ReachedLossLog(L.Callback):
         data = trainer.datamodule
         record = {
             "locations": [e.location for e in data.train_examples],
-            "epochs": len({epoch for epoch, _ in self.steps.values()}),
-            "steps": [[step, epoch, reached] for step, (epoch, reached) in sorted(self.steps.items())],
+            "epochs": len({epoch for epoch, _, _ in self.steps.values()}),
+            "steps": [[step, *entry] for step, entry in sorted(self.steps.items())],
         }
         write_atomic(Path(trainer.default_root_dir) / self.filename, json.dumps(record) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": [[step, epoch, reached] for step, (epoch, reached) in self.steps.items()]}
+        return {"steps": [[step, *entry] for step, entry in self.steps.items()]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps = {int(step): (int(epoch), list(reached)) for step, epoch, reached in state_dict["steps"]}
+        self.steps = {
+            int(step): (int(epoch), list(reached), list(kept)) for step, epoch, reached, kept in state_dict["steps"]
+        }

@@ -280,8 +280,18 @@ def job_kinds(location: str, cache: dict[str, dict[int, str]]) -> str:
     return cache[path][int(line)]
 
 
+REACHED, KEPT = 2, 3  # the columns of a reached_loss.json step: [step, epoch, reached, kept]
+
+
+def kind_fractions(record: dict[str, Any], column: int, kinds: Sequence[str]) -> dict[str, float]:
+    """Per kind, the share of its (sample, epoch) chances in a column of a ``reached_loss.json`` record."""
+    counts = reach_counts([step[column] for step in record["steps"]], len(kinds))
+    return reached_fractions(counts, kinds, record["epochs"])
+
+
 def load_results(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """row -> seed -> {"heldout": metrics, "train": metrics.json, "reached": {kind: fraction}} of every done job."""
+    """row -> seed -> {"heldout": metrics, "train": metrics.json, "reached": {kind: fraction}, and "kept" where the
+    record holds it} of every done job."""
     results: dict[str, dict[int, dict[str, Any]]] = {}
     cache: dict[str, dict[int, str]] = {}
     for job in jobs(out, [BASE, *ROWS], SEEDS):
@@ -292,8 +302,9 @@ def load_results(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
             entry["train"] = json.loads((job.dir / "metrics.json").read_text())
             record = json.loads((job.dir / "reached_loss.json").read_text())
             kinds = [job_kinds(loc, cache) for loc in record["locations"]]
-            counts = reach_counts([reached for _, _, reached in record["steps"]], len(kinds))
-            entry["reached"] = reached_fractions(counts, kinds, record["epochs"])
+            entry["reached"] = kind_fractions(record, REACHED, kinds)
+            if all(len(step) > KEPT for step in record["steps"]):  # records from before the kept set was logged
+                entry["kept"] = kind_fractions(record, KEPT, kinds)
         results.setdefault(job.row, {})[job.seed] = entry
     return results
 
@@ -359,6 +370,26 @@ def reached_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dic
     return lines
 
 
+def kept_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dict[str, int]) -> list[str]:
+    """Per row whose every record holds the kept set: the mean over seeds of each kind's fraction the sample
+    decision kept, and the share of the kept (sample, epoch) pairs with no response token in the loss."""
+    head = ["Row", *KINDS, "kept, no response token in the loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in ROWS:
+        entries = list(results.get(row, {}).values())
+        if not entries or not all("kept" in e for e in entries):
+            continue
+        cells = [ROWS[row][0]]
+        for kind in KINDS:
+            values = [e["kept"][kind] for e in entries if kind in e["kept"]]
+            cells.append(fmt(statistics.fmean(values) if values else None))
+        kept, reached = ([sum(e[key][k] * kind_sizes.get(k, 0) for k in e[key]) for e in entries]
+                         for key in ("kept", "reached"))  # fmt: skip
+        cells.append(fmt(1 - sum(reached) / sum(kept) if sum(kept) else None, 2))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     """One panel per metric: every seed as a dot, the row mean ± std as a bar; full data (noisy) dashed. A last
     panel puts each trained job's held-out NLL against the response tokens its loss learnt from."""
@@ -407,6 +438,7 @@ def report(out: Path, doc: Path, command: str) -> str:
     data = out / "data"
     kinds = [row["kind"] for row in read_jsonl(data / "train_noisy.jsonl", ["kind"])]
     noise_share = sum(map(kinds.count, NOISE_KINDS)) / len(kinds)
+    kind_sizes = {k: kinds.count(k) for k in KINDS}
     n_heldout = len(read_jsonl(data / "heldout.jsonl", ["prompt"]))
     timed = read_jsonl(out / "runs.jsonl", ["part", "seconds"]) if (out / "runs.jsonl").exists() else []
     wall_s = sum(entry["seconds"] for entry in timed)
@@ -439,7 +471,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         "",
         "## What reached the loss",
         "",
-        *reached_table(results, {k: kinds.count(k) for k in KINDS}),
+        *reached_table(results, kind_sizes),
         "",
         "A kind's fraction: over the run, the optimizer steps in which its samples had a response token in the loss, "
         "over (its samples × epochs): 1 for full data; r_sample = 0.25 for a pruner blind to the noise. noise ÷ clean: "
@@ -448,6 +480,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         "response tokens ÷ full: the response tokens in the loss over the run (`train/response_tokens_total`), over "
         "full data's on the noisy set.",
         "",
+        *kept_section(results, kind_sizes),
         "## Sizing",
         "",
         SIZING,
@@ -458,6 +491,19 @@ def report(out: Path, doc: Path, command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def kept_section(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dict[str, int]) -> list[str]:
+    """The kept table with its heading and legend, or nothing when no row's records hold the kept set."""
+    table = kept_table(results, kind_sizes)
+    if len(table) == 2:
+        return []
+    legend = (
+        "The same fractions for the samples the sample decision kept, whether or not a response token of theirs "
+        "stayed in the loss (rows whose `reached_loss.json` records the kept set); the last column: of the kept "
+        "(sample, epoch) pairs, the share whose every response token the token step pruned."
+    )
+    return ["## What the sample decision kept", "", *table, "", legend, ""]
 
 
 READING = "## Reading"

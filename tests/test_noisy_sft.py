@@ -26,7 +26,10 @@ def write_data(out: Path) -> Path:
     return data
 
 
-def write_job(out: Path, row: str, seed: int, nll: float, acc: float, steps: list[list[int]], train_file: str) -> None:
+def write_job(
+    out: Path, row: str, seed: int, nll: float, acc: float, steps: list[list[int]], train_file: str,
+    kept: list[list[int]] | None = None,
+) -> None:  # fmt: skip
     job = out / "jobs" / row / f"seed{seed}"
     job.mkdir(parents=True)
     heldout = {"heldout/nll": nll, "heldout/match_acc": acc, "heldout/runtime_s": 30.0}
@@ -35,7 +38,8 @@ def write_job(out: Path, row: str, seed: int, nll: float, acc: float, steps: lis
     metrics = {"runtime_s": 270.0, "trainer/global_step": len(steps), "train/response_tokens_total": learnt}
     (job / "metrics.json").write_text(json.dumps(metrics))
     locations = [f"{out / 'data' / train_file}:{line}" for line in range(1, 9)]
-    record = {"locations": locations, "epochs": 2, "steps": [[i, i // 2, s] for i, s in enumerate(steps)]}
+    entries = [[i, i // 2, s] + ([kept[i]] if kept else []) for i, s in enumerate(steps)]  # without kept: older
+    record = {"locations": locations, "epochs": 2, "steps": entries}
     (job / "reached_loss.json").write_text(json.dumps(record))
 
 
@@ -49,7 +53,9 @@ def fabricated(tmp_path: Path) -> Path:
         write_job(tmp_path, "full_noisy", seed, full, 0.70, EVERY, "train_noisy.jsonl")
         write_job(tmp_path, "random_random", seed, rr, 0.60, [[0, 2], [5, 7]], "train_noisy.jsonl")
         # robust: clean rows 0, 1, 4, 7 reached 1+2+1+2 = 6 of 8 chances; only the loop row (5) of the noise, twice
-        write_job(tmp_path, "qtuning_robust", seed, robust, 0.75, [[0, 1, 5], [4, 7], [1, 5], [7]], "train_noisy.jsonl")
+        # and kept the mismatched row (2) in epoch 0 and the shuffled one (3) in epoch 1 with no response token left
+        reached, kept = [[0, 1, 5], [4, 7], [1, 5], [7]], [[0, 1, 2, 5], [4, 7], [1, 3, 5], [7]]
+        write_job(tmp_path, "qtuning_robust", seed, robust, 0.75, reached, "train_noisy.jsonl", kept)
     timed = [{"part": 1.0, "seconds": 1000.0}, {"part": 1.0, "seconds": 800.0}, {"part": 7.0, "seconds": 1200.0}]
     noisy_sft.write_jsonl(tmp_path / "runs.jsonl", timed)
     return tmp_path
@@ -90,6 +96,19 @@ def test_reached_fractions_per_kind_from_the_records(fabricated):
     # robust: clean 6/8; loop 2/2; the rest 0: noise mean 0.25 over clean 0.75; share 1 of 0.75 · 4 + 1
     robust = ["0.750", "0.000", "0.000", "1.000", "0.000", "0.33", "0.25", "0.500"]  # tokens: 801.5 of 1,601.5
     assert rows["Q-Tuning (fill_up=rank, ppl_guard=0.25)"][:8] == robust
+
+
+def test_kept_fractions_only_for_rows_whose_records_hold_the_kept_set(fabricated):
+    results = noisy_sft.load_results(fabricated)
+    sizes = {"clean": 4, "mismatched": 1, "shuffled": 1, "loop": 1, "truncated": 1}
+    # robust kept: clean 6/8; mismatched 1/2; shuffled 1/2; loop 2/2; truncated 0; kept 0.75 · 4 + 0.5 + 0.5 + 1 = 5
+    # sample-epochs per epoch, of which 4 reached the loss: 0.20 kept with no response token in it
+    assert noisy_sft.kept_table(results, sizes)[2:] == [
+        "| Q-Tuning (fill_up=rank, ppl_guard=0.25) | 0.750 | 0.500 | 0.500 | 1.000 | 0.000 | 0.20 |"
+    ]  # the other rows' records are older, without the kept set
+    assert noisy_sft.kept_section(results, sizes)[0] == "## What the sample decision kept"
+    del results["qtuning_robust"]
+    assert noisy_sft.kept_section(results, sizes) == []
 
 
 def test_report_names_the_command_the_data_and_the_jobs_done(fabricated, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qtuning.pruning import BatchStats, PruneDecision
-from qtuning.reached import ReachedLossLog, reach_counts, reached_fractions, reached_rows
+from qtuning.reached import ReachedLossLog, kept_rows, reach_counts, reached_fractions, reached_rows
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 # 4 rows, 5 target positions: rows 0-2 have a prompt (positions 0-1) then a response (2-4); row 3 is padded after 3.
@@ -36,11 +36,13 @@ MIXED = decision([1, 1, 1, 0], [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1], [1, 1, 0, 0, 0
 
 def test_reached_rows_are_the_kept_rows_with_a_response_token_in_the_loss():
     assert reached_rows(stats([7, 3, 5, 9]), MIXED) == [3, 7]  # sorted; 5 kept only prompt positions, 9 dropped
+    assert kept_rows(stats([7, 3, 5, 9]), MIXED) == [3, 5, 7]  # 5 is kept all the same
 
 
-def test_reached_rows_needs_the_sample_index():
-    with pytest.raises(ValueError, match="sample_idx"):
-        reached_rows(BatchStats(response_mask=RESPONSE, nonpad_mask=NONPAD), MIXED)
+def test_reached_and_kept_rows_need_the_sample_index():
+    for rows in (reached_rows, kept_rows):
+        with pytest.raises(ValueError, match="sample_idx"):
+            rows(BatchStats(response_mask=RESPONSE, nonpad_mask=NONPAD), MIXED)
 
 
 def test_reach_counts_and_fractions_by_hand():
@@ -74,7 +76,8 @@ def test_the_callback_records_each_optimizer_step_through_accumulation_and_its_s
         trainer.global_step, trainer.current_epoch = step, epoch
         log.on_train_batch_start(trainer, None, None, 0)
         log.on_train_batch_end(trainer, None, outputs, None, 0)
-    assert log.steps == {0: (0, [0, 1, 2, 3, 4, 7]), 1: (1, [3, 7])}
+    # reached, then kept: 5 kept with its prompt only, in both steps
+    assert log.steps == {0: (0, [0, 1, 2, 3, 4, 7], [0, 1, 2, 3, 4, 5, 7]), 1: (1, [3, 7], [3, 5, 7])}
 
     restored = ReachedLossLog()
     restored.load_state_dict(log.state_dict())
@@ -84,7 +87,7 @@ def test_the_callback_records_each_optimizer_step_through_accumulation_and_its_s
     assert record == {
         "locations": [f"train.jsonl:{line}" for line in range(1, 11)],
         "epochs": 2,
-        "steps": [[0, 0, [0, 1, 2, 3, 4, 7]], [1, 1, [3, 7]]],
+        "steps": [[0, 0, [0, 1, 2, 3, 4, 7], [0, 1, 2, 3, 4, 5, 7]], [1, 1, [3, 7], [3, 5, 7]]],
     }
 
 
@@ -119,4 +122,6 @@ def test_a_killed_and_resumed_run_writes_the_record_of_a_whole_one(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((whole / "reached_loss.json").read_text())
     assert len(expected["steps"]) == 14 and expected["epochs"] == 2  # 40 rows, batches of 4: 10 steps an epoch
+    # s50 of 4 rows: the fill-up keeps at least 2 at every step, and only kept rows reach the loss
+    assert all(len(kept) >= 2 and set(reached) <= set(kept) for _, _, reached, kept in expected["steps"])
     assert json.loads((killed / "reached_loss.json").read_text())["steps"] == expected["steps"]
