@@ -22,7 +22,7 @@
 
 Sizing: `SIZING` below, which the report repeats. The defaults (``--n-train 176 --n-heldout 64``, 3 epochs in
 conf/experiment/noisy_sft.yaml) are sized for the 22 jobs to take at most about 1 h 50 min on this 2-core CPU when
-it is quiet (they took 81 min); ``python -m scripts.noisy_sft time`` measures the step times of the row shapes that
+it is quiet (they took 80 min); ``python -m scripts.noisy_sft time`` measures the step times of the row shapes that
 set the cost.
 """
 
@@ -77,10 +77,10 @@ and 30 s to score its adapter (64 held-out pairs and 64 other responses: 128 for
 N = 176 pairs for 3 epochs: S = 66, 3 seeds · 27.4 · 66 = 90 min of training plus 22 · 50 s = 18 min: about
 1 h 50 min. Measured here beside other jobs at nice 19 (`python -m scripts.noisy_sft time`, 6 steps each), a step
 took 36–52 s for every one of the three shapes (full data, Random / Random, Q-Tuning), 7–10× the quiet figures:
-the full run needs the machine to itself. The first full run, alone on the machine: 81 min for the 22 jobs, 27 min a
-seed (the bound above is 1.35× that), each job's wall time with start-up and scoring: full data 250–335 s, Random /
-Random 100–115 s, Q-Tuning 230–260 s, InfoBatch / Random 180–220 s, the window row 185–220 s, the base model 28 s.
-A killed job counts only the part that finished it (`runs.jsonl`)."""
+the full run needs the machine to itself. Measured alone on the machine: 80 min for the 22 jobs, 27 min a seed (the
+bound above is 1.4× that), each job's wall time with start-up and scoring: full data 250–335 s, Random / Random
+95–115 s, Q-Tuning 220–260 s, InfoBatch / Random 180–220 s, the window row 185–230 s, the base model 28 s. A killed
+job counts only the part that finished it (`runs.jsonl`); a rerun job, its rerun."""
 FILES = ("train_noisy.jsonl", "train_clean.jsonl", "heldout.jsonl", "matching.jsonl")
 
 
