@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from torch import Tensor
 
 from qtuning.outputs import write_atomic
 from qtuning.pruning import BatchStats, PruneDecision
@@ -22,20 +23,22 @@ from qtuning.pruning import BatchStats, PruneDecision
 FILENAME = "reached_loss.json"
 
 
+def sample_indices(stats: BatchStats, rows: Tensor) -> list[int]:
+    """The sorted ``sample_idx`` of the batch rows where ``rows`` [B] is true."""
+    if stats.sample_idx is None:
+        raise ValueError("the batch's BatchStats carry no sample_idx")
+    return sorted(stats.sample_idx[rows].tolist())
+
+
 def reached_rows(stats: BatchStats, decision: PruneDecision) -> list[int]:
     """The ``sample_idx`` of the kept rows with at least one response token in the loss. Response tokens, not any
     kept position: under ``loss_norm: nonpad`` a row may keep only prompt positions, whose loss is 0."""
-    if stats.sample_idx is None:
-        raise ValueError("reached_rows needs the batch's sample_idx in its BatchStats")
-    learnt = decision.sample_keep & (decision.token_keep & stats.response_mask).any(1)  # [B]
-    return sorted(stats.sample_idx[learnt].tolist())
+    return sample_indices(stats, decision.sample_keep & (decision.token_keep & stats.response_mask).any(1))  # [B]
 
 
 def kept_rows(stats: BatchStats, decision: PruneDecision) -> list[int]:
     """The ``sample_idx`` of the rows the sample decision kept, whatever their tokens."""
-    if stats.sample_idx is None:
-        raise ValueError("kept_rows needs the batch's sample_idx in its BatchStats")
-    return sorted(stats.sample_idx[decision.sample_keep].tolist())
+    return sample_indices(stats, decision.sample_keep)
 
 
 def reach_counts(steps: Sequence[Sequence[int]], n_samples: int) -> list[int]:

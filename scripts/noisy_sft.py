@@ -321,7 +321,7 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     head = ["Row", "n"]
     for _, name in METRICS:
         head += [name, "Δ vs Random / Random", "Δ vs full (noisy)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in [BASE, *ROWS]:
         if row not in results:
             continue
@@ -332,8 +332,23 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
             for base in ("random_random", "full_noisy"):
                 diff = paired(values, by_seed(results, base, metric)) if row not in (base, BASE) else None
                 cells.append("—" if diff is None else fmt_spread(*diff, sign=True))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return lines
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def kind_means(entries: Sequence[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Per kind, the mean over the seeds' entries of their ``key`` ("reached" or "kept") fraction; None if absent."""
+    values = {kind: [e[key][kind] for e in entries if kind in e[key]] for kind in KINDS}
+    return {kind: statistics.fmean(v) if v else None for kind, v in values.items()}
+
+
+def sample_epochs(means: dict[str, float | None], kind_sizes: dict[str, int]) -> dict[str, float]:
+    """Per kind, its mean fraction times its rows: the (sample, epoch) pairs per epoch it stands for."""
+    return {kind: mean * kind_sizes.get(kind, 0) for kind, mean in means.items() if mean is not None}
 
 
 def reached_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dict[str, int]) -> list[str]:
@@ -345,28 +360,24 @@ def reached_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dic
             "training s / job"]  # fmt: skip
     tokens = "train/response_tokens_total"
     full = [e["train"][tokens] for e in results.get("full_noisy", {}).values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in ROWS:
         entries = list(results.get(row, {}).values())
         if not entries:
             continue
-        cells = [ROWS[row][0]]
-        means = {}
-        for kind in KINDS:
-            values = [e["reached"][kind] for e in entries if kind in e["reached"]]
-            means[kind] = statistics.fmean(values) if values else None
-            cells.append(fmt(means[kind]))
+        means = kind_means(entries, "reached")
+        cells = [ROWS[row][0], *(fmt(means[kind]) for kind in KINDS)]
         noisy = [means[k] for k in NOISE_KINDS if means[k] is not None]
         ratio = statistics.fmean(noisy) / means["clean"] if noisy and means["clean"] else None
         cells.append(fmt(ratio, 2))
-        learnt = {k: means[k] * kind_sizes.get(k, 0) for k in KINDS if means[k] is not None}  # sample-epochs
+        learnt = sample_epochs(means, kind_sizes)
         total = sum(learnt.values())
         cells.append(fmt(sum(learnt.get(k, 0.0) for k in NOISE_KINDS) / total if total else None, 2))
         learnt_tokens = statistics.fmean(e["train"][tokens] for e in entries)
         cells.append(fmt(learnt_tokens / statistics.fmean(full) if full else None, 3))
         cells.append(fmt(statistics.fmean(e["train"]["trainer/global_step"] for e in entries), 0))
         cells.append(fmt(statistics.fmean(e["train"]["runtime_s"] for e in entries), 0))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return lines
 
 
@@ -374,19 +385,16 @@ def kept_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dict[s
     """Per row whose every record holds the kept set: the mean over seeds of each kind's fraction the sample
     decision kept, and the share of the kept (sample, epoch) pairs with no response token in the loss."""
     head = ["Row", *KINDS, "kept, no response token in the loss"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in ROWS:
         entries = list(results.get(row, {}).values())
         if not entries or not all("kept" in e for e in entries):
             continue
-        cells = [ROWS[row][0]]
-        for kind in KINDS:
-            values = [e["kept"][kind] for e in entries if kind in e["kept"]]
-            cells.append(fmt(statistics.fmean(values) if values else None))
-        kept, reached = ([sum(e[key][k] * kind_sizes.get(k, 0) for k in e[key]) for e in entries]
-                         for key in ("kept", "reached"))  # fmt: skip
-        cells.append(fmt(1 - sum(reached) / sum(kept) if sum(kept) else None, 2))
-        lines.append("| " + " | ".join(cells) + " |")
+        means = kind_means(entries, "kept")
+        kept = sum(sample_epochs(means, kind_sizes).values())
+        reached = sum(sample_epochs(kind_means(entries, "reached"), kind_sizes).values())
+        cells = [ROWS[row][0], *(fmt(means[kind]) for kind in KINDS), fmt(1 - reached / kept if kept else None, 2)]
+        lines.append(markdown_row(cells))
     return lines
 
 
@@ -399,8 +407,9 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     rows = [r for r in [BASE, *ROWS] if r in results][::-1]  # the table's first row on top
     fig = Figure(figsize=(16, 0.45 * len(rows) + 1.5), layout="constrained")
     *panels, learnt = fig.subplots(1, len(METRICS) + 1, gridspec_kw={"width_ratios": [1] * len(METRICS) + [1.1]})
-    panels[1].sharey(panels[0])
-    panels[1].tick_params(labelleft=False)
+    for ax in panels[1:]:
+        ax.sharey(panels[0])
+        ax.tick_params(labelleft=False)
     for ax, (metric, name) in zip(panels, METRICS, strict=True):
         for y, row in enumerate(rows):
             values = list(by_seed(results, row, metric).values())
@@ -437,8 +446,8 @@ def report(out: Path, doc: Path, command: str) -> str:
     plot(results, plot_path)
     data = out / "data"
     kinds = [row["kind"] for row in read_jsonl(data / "train_noisy.jsonl", ["kind"])]
-    noise_share = sum(map(kinds.count, NOISE_KINDS)) / len(kinds)
     kind_sizes = {k: kinds.count(k) for k in KINDS}
+    noise_share = sum(kind_sizes[k] for k in NOISE_KINDS) / len(kinds)
     n_heldout = len(read_jsonl(data / "heldout.jsonl", ["prompt"]))
     timed = read_jsonl(out / "runs.jsonl", ["part", "seconds"]) if (out / "runs.jsonl").exists() else []
     wall_s = sum(entry["seconds"] for entry in timed)
@@ -452,7 +461,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         f"{len(parts)} part(s) on this machine ({os.cpu_count()} CPU cores); {done} of {expected} jobs done.",
         "",
         f"Data (`python -m scripts.noisy_sft build`): {len(kinds)} real single-turn ShareGPT pairs for training, "
-        + ", ".join(f"{kinds.count(k)} {k}" for k in KINDS)
+        + ", ".join(f"{kind_sizes[k]} {k}" for k in KINDS)
         + f"; {n_heldout} clean held-out pairs and as many matching triples. Setup: `conf/experiment/noisy_sft.yaml` "
         "(SmolLM2-135M-Instruct with LoRA, batch 8, lr 1e-3, budget s25_t50); seeds "
         + ", ".join(map(str, SEEDS))

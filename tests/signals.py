@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import Callback
 
 from qtuning.pruning import NoPruning, QTuningPolicy
+from qtuning.reached import kept_rows
 
 
 class SignalAtStep(Callback):
@@ -59,7 +60,7 @@ class RecordSteps(Callback):
         if not outputs:  # every micro-batch of the window had a non-finite loss here (manual optimization: {})
             self.kept.append([])
         else:
-            self.kept.append(sorted(outputs["stats"].sample_idx[outputs["decision"].sample_keep].tolist()))
+            self.kept.append(kept_rows(outputs["stats"], outputs["decision"]))
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
         metrics = trainer.callback_metrics  # Q-Tuning's: the rows its decision covered (every process's) and kept
         self.decisions.append((float(metrics["prune/decision_rows"]), float(metrics["prune/decision_keep"])))
