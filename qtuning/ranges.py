@@ -90,6 +90,7 @@ RANGES: dict[str, dict[str, Range | Either]] = {
         "val_size": NONNEG_INT,
         "limit": COUNT_OR_NULL,
         "num_workers": NONNEG_INT,
+        "num_proc": COUNT_OR_NULL,
         "seed": SEED,
     },
     "trainer": {

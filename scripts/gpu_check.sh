@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh OUT_DIR       # on the GPU machine (about 6 minutes on one H200)
 #   bash scripts/gpu_check.sh --cpu OUT_DIR # the same steps at tiny shapes on a CPU (a test runs this)
 # The GPU machine needs torch, lightning, transformers and peft; what else the check needs (hydra-core, omegaconf,
-# SmolLM2's tokenizer, real chats) comes from .gpu_carry/ (QTUNING_GPU_CARRY moves it) when it is not installed.
+# datasets with pyarrow, SmolLM2's tokenizer, real chats) comes from .gpu_carry/ (QTUNING_GPU_CARRY moves it) when it
+# is not installed.
 # Steps:
 # 1. the tests marked gpu;
 # 2. scripts/bench_step.py (python -m scripts.bench_step) on CUDA in bf16-mixed: SmolLM2-135M- and Llama-3.2-1B-shaped random-init models at
@@ -26,9 +27,9 @@ report=$out/gpu_check.md
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-if ! "$python" -c "import hydra, omegaconf" 2>/dev/null; then
+if ! "$python" -c "import hydra, omegaconf, datasets" 2>/dev/null; then
     if [ ! -d "$carry/wheels" ]; then
-        echo "error: hydra-core and omegaconf are not installed and $carry/wheels is missing (run scripts/gpu_carry.sh)" >&2
+        echo "error: hydra-core, omegaconf or datasets is not installed and $carry/wheels is missing (run scripts/gpu_carry.sh)" >&2
         exit 2
     fi
     "$python" -m pip install --quiet --no-index --no-deps --no-compile --target "$work/site" "$carry"/wheels/*.whl || exit 2

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, tiny_cli_args
 
-HEAVY = ("wandb", "lm_eval", "datasets", "gguf")
+HEAVY = ("wandb", "lm_eval", "gguf")  # datasets is needed: the token cache (gpu_carry.sh carries it)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""`SFTDataModule`: rows from a file → tokenised conversations → right-padded batches in the one batch contract.
+"""`SFTDataModule`: rows from a file → the token cache (tokenised once, memory-mapped) → right-padded batches in the
+one batch contract.
 
 Batch contract: ``input_ids``, ``attention_mask``, ``labels`` (−100 off the response), ``sample_idx``, all ``[B, T]``
 except ``sample_idx`` ``[B]`` (the row's index in its split).
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from itertools import islice
+from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -18,114 +20,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from qtuning import IGNORE_INDEX
-from qtuning.data.formats import FORMATS, to_messages
+from qtuning.data.cache import TokenizedSplit, load, prepare
+from qtuning.data.examples import DataReport, DataSource, Example
 from qtuning.data.plan import EpochPlanner, SampleInfo
-from qtuning.data.readers import iter_rows
 from qtuning.data.sampling import EpochSampler, ResumableLoader
-from qtuning.data.tokenize import encode_conversation
 from qtuning.errors import QTuningError
 
 log = logging.getLogger(__name__)
-
-ON_BAD_ROW = ("error", "skip")
-MAX_BAD_ROWS_REPORTED = 5  # the first few are enough to find the pattern; the count says how many
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    location: str  # where the row came from, for reports
-    instruction: str = ""  # the user turns, joined by newlines (what instruction-based sample pruners score)
-
-
-@dataclass
-class DataReport:
-    """What happened to the rows on their way to training; logged once and kept for tests and W&B."""
-
-    rows: int = 0  # every row read, the skipped ones included
-    truncated: int = 0
-    dropped_no_response: int = 0
-    dropped_locations: list[str] = field(default_factory=list)
-    skipped_bad_rows: int = 0  # malformed rows skipped under data.on_bad_row=skip
-    bad_rows: list[str] = field(default_factory=list)  # the first few of them: "file:line: reason"
-
-    def add_bad_row(self, error: str) -> None:
-        self.skipped_bad_rows += 1
-        if len(self.bad_rows) < MAX_BAD_ROWS_REPORTED:
-            self.bad_rows.append(error)
-
-    def skipped_summary(self) -> str:
-        """``N skipped as malformed (first: file:line: reason)``; for when some were."""
-        return f"{self.skipped_bad_rows} skipped as malformed (first: {self.bad_rows[0]})"
-
-    def summary(self, path: str, n_train: int, n_val: int) -> str:
-        return (
-            f"data: {self.rows} rows from {path}; "
-            + (f"{self.skipped_summary()}; " if self.skipped_bad_rows else "")
-            + f"{self.truncated} truncated to max_length; "
-            f"{self.dropped_no_response} dropped with no response tokens"
-            + (f" (first: {self.dropped_locations[0]})" if self.dropped_locations else "")
-            + f"; {n_train} train / {n_val} validation"
-        )
-
-
-def load_examples(
-    tokenizer: PreTrainedTokenizerBase,
-    path: str,
-    fmt: str,
-    max_length: int,
-    limit: int | None = None,
-    salvage_truncated: bool = False,
-    on_bad_row: str = "error",
-) -> tuple[list[Example], DataReport]:
-    """Read, convert and tokenise up to ``limit`` rows; rows left without a response token are dropped and counted.
-
-    A malformed row (not JSON, not UTF-8, a missing or mistyped field, an unknown role) raises its location and
-    reason with ``on_bad_row="error"``; with ``"skip"`` it is skipped and counted in the report.
-    """
-    if fmt not in FORMATS:
-        raise QTuningError(f"data.format={fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
-    if max_length < 2:
-        raise QTuningError(f"data.max_length={max_length} must be at least 2")
-    if limit is not None and limit < 1:
-        raise QTuningError(f"data.limit={limit} must be at least 1 (or null for every row)")
-    if on_bad_row not in ON_BAD_ROW:
-        raise QTuningError(f"data.on_bad_row={on_bad_row!r} must be one of {', '.join(ON_BAD_ROW)}")
-    report = DataReport()
-    examples = []
-    for row in islice(iter_rows(path, salvage_truncated, keep_bad_rows=on_bad_row == "skip"), limit):
-        report.rows += 1
-        try:
-            if row.error:
-                raise QTuningError(f"{row.location}: {row.error}")
-            messages = to_messages(row, fmt)
-        except QTuningError as err:
-            if on_bad_row == "error":
-                raise
-            report.add_bad_row(str(err))
-            continue
-        encoded = encode_conversation(tokenizer, messages, max_length, row.location)
-        report.truncated += encoded.truncated
-        # labels[0] is never a target after the shift, so a row needs a response token at position >= 1.
-        if all(label == IGNORE_INDEX for label in encoded.labels[1:]):
-            report.dropped_no_response += 1
-            report.dropped_locations.append(row.location)
-            continue
-        instruction = "\n".join(m["content"] for m in messages if m["role"] == "user")
-        examples.append(Example(encoded.input_ids, encoded.labels, row.location, instruction))
-    if not report.rows:
-        raise QTuningError(f"data.path={path}: no rows")
-    if not examples:
-        reasons = [report.skipped_summary()] if report.skipped_bad_rows else []
-        if report.dropped_no_response:
-            reasons.append(
-                f"{report.dropped_no_response} without response tokens (empty responses, or prompts that fill "
-                f"data.max_length={max_length})"
-            )
-        raise QTuningError(f"data.path={path}: no usable rows ({report.rows} read: {'; '.join(reasons)})")
-    return examples, report
-
 
 def collate(examples: list[Example], sample_idx: list[int], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a list of examples into the batch contract."""
@@ -148,9 +49,9 @@ def collate(examples: list[Example], sample_idx: list[int], pad_id: int) -> dict
 
 
 class IndexedExamples(torch.utils.data.Dataset):
-    """``(dataset index, example)`` pairs: the index is what a batch carries as ``sample_idx``."""
+    """``(split index, example)`` pairs, a batch read at once: the index is what a batch carries as ``sample_idx``."""
 
-    def __init__(self, examples: list[Example]) -> None:
+    def __init__(self, examples: TokenizedSplit) -> None:
         self.examples = examples
 
     def __len__(self) -> int:
@@ -159,13 +60,17 @@ class IndexedExamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, Example]:
         return index, self.examples[index]
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, Example]]:
+        return list(zip(indices, self.examples.take(indices), strict=True))
+
 
 class SFTDataModule(LightningDataModule):
-    """Supervised fine-tuning data from one local file or `datasets` directory, with a seeded validation split.
+    """Supervised fine-tuning data from one local file, `datasets` directory or Hub data set, with a seeded validation
+    split. Rows are tokenised once into the token cache (`qtuning.data.cache`) and read from it batch by batch.
 
     Args:
         tokenizer: the model's tokenizer, with its chat template already chosen.
-        path: data file (.json, .jsonl, .parquet), `datasets` directory, or ``pkg://module/file``.
+        path: data file (.json, .jsonl, .parquet), `datasets` directory, ``pkg://module/file`` or ``hf://org/name``.
         format: row format, one of ``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt``.
         max_length: tokens per sequence; longer ones are truncated (the start is kept) and counted.
         batch_size: samples per device per step.
@@ -174,6 +79,11 @@ class SFTDataModule(LightningDataModule):
         salvage_truncated: for a truncated JSON array, keep the rows before the damage instead of failing.
         on_bad_row: ``error`` stops at a malformed row, naming it; ``skip`` skips such rows and counts them.
         seed: seed of the validation split and of the training shuffle.
+        num_workers: data loader workers.
+        num_proc: processes that tokenise a new cache entry; None: one per CPU core, for at least 1,000 rows each.
+        cache_dir: where the token cache lives; None: ``$QTUNING_CACHE_DIR/data`` (``~/.cache/qtuning/data``).
+        split: the split of a Hub data set.
+        subset: the subset (configuration) of a Hub data set, or None.
     """
 
     def __init__(
@@ -189,19 +99,25 @@ class SFTDataModule(LightningDataModule):
         on_bad_row: str = "error",
         seed: int = 0,
         num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+        split: str = "train",
+        subset: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise QTuningError(f"data.batch_size={batch_size} must be at least 1")
         self.tokenizer = tokenizer
-        self.path, self.format, self.max_length = path, format, max_length
-        self.batch_size, self.val_size, self.limit = batch_size, val_size, limit
-        self.salvage_truncated, self.on_bad_row = salvage_truncated, on_bad_row
-        self.seed, self.num_workers = seed, num_workers
+        self.path = path
+        self.source = DataSource(path, format, max_length, limit, salvage_truncated, on_bad_row, split, subset)
+        self.batch_size, self.val_size = batch_size, val_size
+        self.seed, self.num_workers, self.num_proc, self.cache_dir = seed, num_workers, num_proc, cache_dir
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.train_examples: list[Example] = []
-        self.val_examples: list[Example] = []
+        self.entry: Path | None = None  # the token cache entry, once prepared
+        self.train_examples: Sequence[Example] = []
+        self.val_examples: Sequence[Example] = []
         self.report: DataReport | None = None
+        self._sample_info: SampleInfo | None = None
         self.planner: EpochPlanner | None = None  # plans each epoch's samples (see `connect`); None: all of them
         self.window = 1  # micro-batches per training batch (see `connect`)
 
@@ -212,30 +128,34 @@ class SFTDataModule(LightningDataModule):
         window itself; 1 otherwise)."""
         self.planner, self.window = planner, window
 
+    def prepare_data(self) -> None:
+        """Build the token cache entry unless it is there (Lightning calls this on one process per node; another
+        process that gets here first builds it under the entry's lock, and the rest wait and map it)."""
+        if self.entry is None:
+            self.entry = prepare(self.source, self.tokenizer, self.cache_dir, self.num_proc)
+
     def setup(self, stage: str | None = None) -> None:
         if self.report is not None:
             return
-        examples, self.report = load_examples(
-            self.tokenizer,
-            self.path,
-            self.format,
-            self.max_length,
-            self.limit,
-            self.salvage_truncated,
-            self.on_bad_row,
+        self.prepare_data()
+        tokens, self.report = load(self.entry)
+        usable = np.flatnonzero(np.asarray(tokens.data.table.column("response_tokens")) > 0)  # [N] table rows
+        if self.val_size >= len(usable):
+            raise QTuningError(f"data.val_size={self.val_size} leaves no training rows out of {len(usable)}")
+        order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(self.seed)).numpy()
+        self.val_examples = TokenizedSplit(tokens, usable[np.sort(order[: self.val_size])])
+        self.train_examples = TokenizedSplit(tokens, usable[np.sort(order[self.val_size :])])
+        self._sample_info = SampleInfo(
+            torch.from_numpy(self.train_examples.response_tokens().astype(np.int64)),
+            self.train_examples.instructions(),
         )
-        if self.val_size >= len(examples):
-            raise QTuningError(f"data.val_size={self.val_size} leaves no training rows out of {len(examples)}")
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        self.val_examples = [examples[i] for i in sorted(order[: self.val_size])]
-        self.train_examples = [examples[i] for i in sorted(order[self.val_size :])]
         log.info(self.report.summary(self.path, len(self.train_examples), len(self.val_examples)))
 
     def _collate(self, items: list[tuple[int, Example]]) -> dict[str, Tensor]:
         return collate([e for _, e in items], [i for i, _ in items], self.pad_id)
 
     def _loader(
-        self, examples: list[Example], indices: list[int], epoch: int = 0, shuffle: bool = False, window: int = 1
+        self, examples: TokenizedSplit, indices: list[int], epoch: int = 0, shuffle: bool = False, window: int = 1
     ) -> DataLoader:
         """This process's share of ``indices`` of ``examples`` (in an order fixed by seed and epoch when shuffled), in
         batches of ``window`` × ``batch_size`` rows; Lightning checkpoints its position, so a resumed run continues
@@ -259,9 +179,10 @@ class SFTDataModule(LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def sample_info(self) -> SampleInfo:
-        """What dataset-level sample pruners score the training samples by."""
-        response = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in self.train_examples]
-        return SampleInfo(torch.tensor(response), [e.instruction for e in self.train_examples])
+        """What dataset-level sample pruners score the training samples by (read as columns of the token cache)."""
+        if self._sample_info is None:
+            raise RuntimeError("the data module is not set up yet: call setup() first")
+        return self._sample_info
 
     def _epochs(self) -> tuple[int, int]:
         """(the epoch about to run, max_epochs); a sample pruner's plan depends on both."""

@@ -3,6 +3,7 @@ this protocol, a policy implements it, and `SFTDataModule.connect` hands it over
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -14,7 +15,7 @@ class SampleInfo:
     """What a static pruner may look at, one entry per training sample (dataset order)."""
 
     response_tokens: Tensor  # [N] long: response (loss) tokens of each sample
-    instructions: list[str]  # the user turns of each sample, joined by newlines
+    instructions: Sequence[str]  # the user turns of each sample, joined by newlines
 
 
 @dataclass

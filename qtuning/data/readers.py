@@ -1,4 +1,5 @@
-"""Reading rows from JSON, JSONL, Parquet or a saved `datasets` directory, each with a location for errors."""
+"""Reading rows from JSON, JSONL, Parquet, a saved `datasets` directory or a Hub data set, each with a location for
+errors; and the fingerprint of what a path holds, for the token cache's key."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from qtuning.errors import QTuningError
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "pkg://"
+HUB_PREFIX = "hf://"
+HASH_CHUNK = 1 << 24  # 16 MiB read at a time: hashing a file never holds it whole
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,44 @@ def resolve_path(path: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise QTuningError(f"data.path={path}: package '{module}' is not installed (see README, 'Setup')")
     return Path(spec.submodule_search_locations[0]) / rel
+
+
+def load_hub_dataset(path: str, split: str, subset: str | None) -> Any:
+    """The ``split`` (and ``subset``) of the Hub data set ``hf://org/name``, through `datasets.load_dataset`: from the
+    Hub, or from the local `datasets` cache when offline (``HF_DATASETS_OFFLINE=1``)."""
+    import datasets
+
+    name = path[len(HUB_PREFIX) :]
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except ConnectionError:
+        raise QTuningError(
+            f"data.path={path}: the Hugging Face Hub cannot be reached and no copy of '{name}' is in the datasets "
+            "cache; load it once where the Hub is reachable, or point data.path at a local file"
+        ) from None
+    except (FileNotFoundError, ValueError) as err:  # no such data set (FileNotFoundError), no such split or subset
+        raise QTuningError(f"data.path={path} (data.subset={subset}, data.split={split}): {err}") from None
+
+
+def fingerprint(path: str, split: str = "train", subset: str | None = None) -> str:
+    """What decides a path's rows, as a hex digest: every byte of a file, or of every file below a directory with its
+    name (an edit that keeps the size and the modification time still changes it); a Hub data set's `datasets`
+    fingerprint (its revision and files)."""
+    import xxhash
+
+    if path.startswith(HUB_PREFIX):
+        return load_hub_dataset(path, split, subset)._fingerprint
+    root = resolve_path(path)
+    if not root.exists():
+        raise QTuningError(f"data.path={path}: no such file or directory")
+    digest = xxhash.xxh3_128()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _iter_json_array(text: str, source: str, salvage_truncated: bool) -> Iterator[Row]:
@@ -84,12 +125,22 @@ def _iter_jsonl(data: bytes, source: str, keep_bad_rows: bool) -> Iterator[Row]:
         yield row
 
 
-def iter_rows(path: str, salvage_truncated: bool = False, keep_bad_rows: bool = False) -> Iterator[Row]:
-    """Rows of a data file or `datasets` directory, in file order.
+def iter_rows(
+    path: str,
+    salvage_truncated: bool = False,
+    keep_bad_rows: bool = False,
+    split: str = "train",
+    subset: str | None = None,
+) -> Iterator[Row]:
+    """Rows of a data file, a `datasets` directory or a Hub data set (``hf://org/name``: its ``split`` and
+    ``subset``), in file order.
 
     A JSONL line that is not UTF-8 or not JSON raises, or with ``keep_bad_rows`` comes as a row with its ``error``.
     A file that cannot be read as a whole (missing, unreadable, not UTF-8 or a broken JSON array) always raises.
     """
+    if path.startswith(HUB_PREFIX):
+        yield from (Row(f"{path}:row {i}", row) for i, row in enumerate(load_hub_dataset(path, split, subset)))
+        return
     file = resolve_path(path)
     if not file.exists():
         raise QTuningError(f"data.path={path}: no such file or directory")
