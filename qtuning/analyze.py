@@ -30,9 +30,9 @@ from qtuning.config import check_config, config_dir, instantiate_key
 from qtuning.dashboard import QUADRANTS, eu_plane_figure
 from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.models import build_model, build_tokenizer
+from qtuning.ops.passes import scoring_forward
 from qtuning.outputs import write_atomic
 from qtuning.pruning import PruningPolicy
-from qtuning.pruning.passes import scoring_forward
 
 log = logging.getLogger("qtuning.analyze")
 
@@ -51,13 +51,14 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         raise QTuningError(f"pruner={type(policy).__name__} does not score samples; use pruner=qtuning")
     model = build_model(cfg.model, cfg.paths.cache_dir, vocab_size=len(tokenizer), seed=cfg.seed).eval()
 
-    samples, pruned_rows = [], []
-    for batch in tqdm(datamodule.predict_dataloader(cfg.num_samples), desc="scoring", unit="batch"):
+    samples, pruned_rows, decided_in = [], [], []  # decided_in: the batch each sample was decided in
+    for number, batch in enumerate(tqdm(datamodule.predict_dataloader(cfg.num_samples), desc="scoring", unit="batch")):
         stats = policy.enrich(model, batch, scoring_forward(model, batch))
         decision = policy.select(stats)
         if decision.ppl is None:
             raise QTuningError(f"pruner={type(policy).__name__} places no sample on the EU plane; use pruner=qtuning")
         ppl, ent = decision.ppl, decision.entropy  # the EU coordinates the decision was made from
+        decided_in += [number] * stats.batch_size
         for row in range(stats.batch_size):
             index = int(batch["sample_idx"][row])
             kept = bool(decision.sample_keep[row])
@@ -91,7 +92,9 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         torch.tensor([s["entropy"] for s in samples]),
         torch.tensor([s["quadrant"] for s in samples]),
         torch.tensor([s["kept"] for s in samples]),
-        title=f"{cfg.model.name}: {len(samples)} samples; quadrants by the medians of batches of {cfg.data.batch_size}",
+        title=f"{cfg.model.name}: {len(samples)} samples, each decided (quadrant, kept) in its batch of "
+        f"{cfg.data.batch_size}",
+        batch=torch.tensor(decided_in),
     )
     fig.savefig(output_dir / "eu_plane.png")
     with open(output_dir / "samples.csv", "w", newline="") as f:

@@ -38,13 +38,13 @@ OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no model or data, so that a typo fails in a second, naming the key: every value given, every
-    number in its range (`qtuning.ranges`)."""
+    number in its range (`qtuning.ranges`), all problems in one message."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise QTuningError(f"{', '.join(missing)}: required, but no value given (set it on the command line)")
-    problem = out_of_range(cfg)
-    if problem:
-        raise QTuningError(problem)
+    problems = out_of_range(cfg)
+    if problems:
+        raise QTuningError("; ".join(problems))  # every one at once: a run is not retried once per typo
 
 
 def instantiate_key(node: DictConfig, key: str, **kwargs: Any) -> Any:

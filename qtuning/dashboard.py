@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import io
+import textwrap
 from typing import Any
 
 import torch
@@ -27,23 +28,41 @@ QUADRANTS = {
 }
 
 
-def eu_plane_figure(ppl: Tensor, ent: Tensor, quadrant: Tensor, kept: Tensor, title: str = "") -> Figure:
-    """log-PPL × entropy, coloured by quadrant; kept samples filled circles, dropped ones crosses."""
-    fig = Figure(figsize=(5.5, 4.5), dpi=100)  # no pyplot: no global figure state, no display needed
+def eu_plane_figure(
+    ppl: Tensor, ent: Tensor, quadrant: Tensor, kept: Tensor, title: str = "", batch: Tensor | None = None
+) -> Figure:
+    """log-PPL × entropy, coloured by quadrant; kept samples filled circles, dropped ones crosses; the dotted lines
+    are the medians the quadrants were drawn by.
+
+    ``batch`` ``[N]``: the decision each point belongs to, when the points come from several. Each is then placed
+    relative to its own decision's medians (log PPL and entropy less theirs), so that the lines at 0 are what decided
+    every point's quadrant.
+    """
+    fig = Figure(figsize=(6.5, 5.0), dpi=100)  # no pyplot: no global figure state, no display needed
     ax = fig.subplots()
-    log_ppl = ppl.log()
+    x, y = ppl.log(), ent.clone()
+    if batch is None:
+        x_line, y_line = float(torch.quantile(x, 0.5)), float(torch.quantile(y, 0.5))
+        xlabel, ylabel, lines = "log perplexity (error)", "mean entropy, nats (uncertainty)", "the batch's medians"
+    else:
+        for b in batch.unique():
+            members = batch == b
+            x[members] -= torch.quantile(x[members], 0.5)
+            y[members] -= torch.quantile(y[members], 0.5)
+        x_line = y_line = 0.0
+        xlabel, ylabel = "log perplexity − its batch's median", "mean entropy − its batch's median (nats)"
+        lines = "each sample's own batch median"
     for k, (name, colour) in QUADRANTS.items():
         for is_kept, marker in ((True, "o"), (False, "x")):
             sel = (quadrant == k) & (kept == is_kept)
             if sel.any():
                 label = f"{name} ({'kept' if is_kept else 'dropped'})"
-                ax.scatter(log_ppl[sel], ent[sel], c=colour, marker=marker, s=36, label=label)
-    # the batch medians that define the quadrants
-    ax.axvline(float(torch.quantile(ppl, 0.5).log()), color="black", lw=0.6, ls=":")
-    ax.axhline(float(torch.quantile(ent, 0.5)), color="black", lw=0.6, ls=":")
-    ax.set_xlabel("log perplexity (error)")
-    ax.set_ylabel("mean entropy, nats (uncertainty)")
-    ax.set_title(title)
+                ax.scatter(x[sel], y[sel], c=colour, marker=marker, s=36, label=label)
+    ax.axvline(x_line, color="black", lw=0.6, ls=":", label=f"quadrant lines: {lines}")
+    ax.axhline(y_line, color="black", lw=0.6, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)  # wrapped: a long title is not cut at the figure's edges
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

@@ -28,8 +28,8 @@ from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.evaluation.data import TASKS, check_tasks, metric_key, prepare_tasks
 from qtuning.loggers import build_loggers, finish_wandb
 from qtuning.models import build_model, build_tokenizer
+from qtuning.ops.passes import base_model
 from qtuning.outputs import write_atomic
-from qtuning.pruning.passes import base_model
 
 log = logging.getLogger("qtuning.eval")
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from qtuning.data import Example, collate, encode_conversation
 from qtuning.errors import QTuningError
-from qtuning.pruning.passes import scoring_forward
+from qtuning.ops.passes import scoring_forward
 
 
 def response_nll(token_logprobs: Sequence[Tensor]) -> float:

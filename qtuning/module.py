@@ -1,14 +1,19 @@
-"""`SFTModule`: the LightningModule that orchestrates one pruned SFT step.
+"""`SFTModule`: one pruned SFT step as one pipeline.
 
-Per training step:
-1. ``BatchStats`` of the batch: masks only, or, when the policy needs scores, a no-grad scoring forward.
-2. ``decision = policy.select(policy.enrich(model, batch, stats))``.
-3. Forward + backward over the kept rows only, re-padded to their own longest length (the compute saving).
-4. Loss ``Σ ce·w / max(1, Σ w)``, token-normalised across gradient accumulation and devices: the step returns the
-   sum ``Σ ce·w`` and the gradients are divided by the window's ``Σ w`` just before the optimizer step.
+Each training batch holds the rows of one decision (`StepScope`): a micro-batch of this device (``local``, and
+``global``, where every device's micro-batch is decided together), or every micro-batch of the optimizer step
+(``window``). `training_step` runs, top to bottom:
 
-A policy that decides per window (``threshold_scope=window``) gets one decision per optimizer step instead: the
-module then trains each accumulation window itself (manual optimization, `window_step`).
+1. `score`: the rows' `BatchStats`, from a no-grad scoring pass per micro-batch (``scoring: separate``), from one grad
+   forward that is also the training forward (``shared``), or from the masks alone (a policy that needs no scores);
+2. `decide`: ``policy.select(stats)``, over every device's statistics when the scope spans devices (gathered here, so
+   that a policy stays a pure function of what it is given);
+3. `train_kept`: forward and backward over the kept rows only, in micro-batches of rows of similar length, each laid
+   out by `select_rows` (the one place a pass's layout is decided), the loss ``Σ ce·w`` from the LM head in chunks;
+4. the optimizer step: the gradients of ``Σ ce·w`` divided by the step's loss tokens ``Σ w`` over all devices
+   (`StepSums`, `gradient_scale`), clipped, stepped. A window of one micro-batch leaves backward, accumulation,
+   clipping and stepping to Lightning (automatic optimization); a window of several micro-batches is trained here
+   (manual optimization), its gradients synchronised across devices at its last backward pass only.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -29,33 +35,154 @@ from torchmetrics import MeanMetric
 
 from qtuning import TOKEN_TOTALS
 from qtuning.errors import QTuningError
-from qtuning.pruning import BatchStats, PruneDecision, PruningPolicy, shift_targets, token_loss
-from qtuning.pruning.passes import (
+from qtuning.ops import (
     Batch,
+    BatchStats,
+    concat_stats,
     final_hidden_states,
+    gather_stats,
     length_groups,
     output_head,
     scoring_forward,
     select_rows,
+    shift_targets,
+    token_loss,
+    world_size,
 )
-from qtuning.pruning.stats import concat_stats
+from qtuning.pruning import PruneDecision, PruningPolicy
 from qtuning.resume import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 
-def response_tokens(batch: Batch, rows: Tensor, weight: Tensor) -> int:
-    """The response positions of ``rows`` ``[K]`` with a loss weight ``[K, T'-1]`` (the rows re-padded to their own
-    length): the tokens a step learns from. ``Σ w`` also counts the prompt positions a ``loss_norm: nonpad`` token
-    pruner keeps, whose loss is 0."""
-    response = shift_targets(batch["labels"][rows], batch["attention_mask"][rows])[1]  # [K, T-1]
-    return int((response[:, : weight.shape[1]] & (weight > 0)).sum())
+@dataclass(frozen=True)
+class StepScope:
+    """Over which rows one decision is made, set once for the run from ``pruner.threshold_scope``, the micro-batch
+    (``data.batch_size``) and ``trainer.accumulate_grad_batches``."""
+
+    threshold_scope: str = "local"
+    micro_batch: int | None = None  # rows per forward and backward pass; None: a training batch's rows
+    accumulation: int = 1  # micro-batches per optimizer step
+
+    @property
+    def window(self) -> int:
+        """Micro-batches per decision, and so per training batch: the whole accumulation under ``window``, else 1."""
+        return self.accumulation if self.threshold_scope == "window" else 1
+
+    @property
+    def across_devices(self) -> bool:
+        """Whether one decision covers every device's rows (``global``, ``window``)."""
+        return self.threshold_scope != "local"
+
+    @property
+    def manual(self) -> bool:
+        """Whether the module trains each training batch itself (a window of several micro-batches)."""
+        return self.window > 1
 
 
-def row_mean_loss(ce: Tensor, weight: Tensor) -> Tensor:
-    """``[K]``: each row's mean loss over the positions that count (``ce``, ``weight`` ``[K, T'-1]``), what
-    dataset-level pruners such as InfoBatch score samples by."""
-    return (ce * weight).sum(1) / weight.sum(1).clamp(min=1)
+@dataclass
+class Scored:
+    """Step 1's outcome for a training batch."""
+
+    stats: BatchStats  # [W, T-1] what the policy decides from
+    hidden: Tensor | None  # [W, T, H] with autograd under shared scoring: the training forward too; else None
+    positions: int  # positions (padding included) through the scoring passes
+
+
+@dataclass
+class Trained:
+    """One training pass over some rows of a training batch."""
+
+    loss_sum: Tensor  # Σ ce·w·loss_scale, with autograd
+    ce: Tensor  # [K, T'-1] fp32, detached; 0 where it was not computed
+    weight: Tensor  # [K, T'-1] 1 where the position counts in the loss denominator, 0 elsewhere
+    rows: Tensor  # [K] the training batch's rows they are
+    forward_positions: int  # positions through this pass's own forward (0: the scoring forward was it)
+    backward_positions: int  # positions through its backward
+
+    def response_tokens(self, batch: Batch) -> int:
+        """The response positions with a loss weight: the tokens the pass learns from. ``Σ w`` also counts the prompt
+        positions a ``loss_norm: nonpad`` token pruner keeps, whose loss is 0."""
+        response = shift_targets(batch["labels"][self.rows], batch["attention_mask"][self.rows])[1]  # [K, T-1]
+        return int((response[:, : self.weight.shape[1]] & (self.weight > 0)).sum())
+
+    def row_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``([K] sample_idx, [K] mean loss of each row over the positions that count)``: what dataset-level pruners
+        such as InfoBatch score samples by."""
+        mean = (self.ce * self.weight).sum(1) / self.weight.sum(1).clamp(min=1)
+        return batch["sample_idx"][self.rows], mean
+
+
+@dataclass
+class StepTotals:
+    """One optimizer step's sums over every device."""
+
+    loss_sum: Tensor  # Σ ce·w
+    loss_tokens: Tensor  # Σ w, the loss denominator
+    nll_sum: Tensor  # Σ ce over the response tokens learnt from (no weight, no loss scale)
+    forward_positions: int
+    backward_positions: int
+    response_tokens: int
+
+
+class StepSums:
+    """This device's running sums over the micro-batches of one optimizer step, cleared by the step (`reset`)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros(())  # Σ ce·w
+        self.loss_tokens = torch.zeros(())  # Σ w
+        self.nll_sum = torch.zeros(())  # Σ ce over the response tokens learnt from
+        self.forward_positions = 0
+        self.backward_positions = 0
+        self.response_tokens = 0
+        self.input_tokens = 0  # the non-pad tokens of the training batches (for tokens/s)
+        self.started: float | None = None  # when the step's first training batch began
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def add_batch(self, batch: Batch, scored: Scored) -> None:
+        self.input_tokens += int(batch["attention_mask"].sum())
+        self.forward_positions += scored.positions
+
+    def add_pass(self, trained: Trained, batch: Batch) -> None:
+        self.loss_sum = self.loss_sum.to(trained.loss_sum.device) + trained.loss_sum.detach()
+        self.loss_tokens = self.loss_tokens.to(trained.loss_sum.device) + trained.weight.sum()
+        self.nll_sum = self.nll_sum.to(trained.ce.device) + trained.ce.sum()
+        self.forward_positions += trained.forward_positions
+        self.backward_positions += trained.backward_positions
+        self.response_tokens += trained.response_tokens(batch)
+
+    def reduce(self, strategy: Any, device: torch.device) -> StepTotals:
+        """The sums of every device (a sum all-reduce)."""
+        loss_sum = strategy.reduce(self.loss_sum.to(device, copy=True), reduce_op="sum")
+        loss_tokens = strategy.reduce(self.loss_tokens.to(device, copy=True), reduce_op="sum")
+        nll_sum = strategy.reduce(self.nll_sum.to(device, copy=True), reduce_op="sum")
+        counts = torch.tensor([self.forward_positions, self.backward_positions, self.response_tokens], device=device)
+        return StepTotals(loss_sum, loss_tokens, nll_sum, *strategy.reduce(counts, reduce_op="sum").tolist())
+
+    def seconds(self) -> float:
+        return time.perf_counter() - (self.started or time.perf_counter())
+
+
+def gradient_scale(loss_tokens: Tensor, accumulation: int, world: int) -> Tensor:
+    """The factor that turns the gradients left by Lightning and DDP into those of ``Σ ce·w / Σ w`` over the step:
+    under automatic optimization Lightning divides each micro-batch's loss by ``accumulation`` (under manual
+    optimization it is 1), and DDP averages the gradients of the ``world`` devices. tests/test_contract.py pins both."""
+    return accumulation * world / loss_tokens.clamp(min=1)
+
+
+def decide(policy: PruningPolicy, stats: BatchStats, across_devices: bool) -> PruneDecision:
+    """The policy's decision on ``stats``; ``across_devices``: over every device's statistics (gathered here, so that
+    the policy stays a pure function of what it is given), cut back to this device's rows."""
+    if not across_devices or world_size() == 1:
+        return policy.select(stats)
+    everyone, first = gather_stats(stats)
+    return policy.select(everyone).rows(first, *stats.response_mask.shape)
 
 
 def zero_for_every_parameter(model: torch.nn.Module) -> Tensor:
@@ -64,29 +191,18 @@ def zero_for_every_parameter(model: torch.nn.Module) -> Tensor:
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
-class KeptForward(NamedTuple):
-    """One training forward: the loss sum, per-token cross-entropy and loss weights of the rows that went through it."""
-
-    loss_sum: Tensor  # Σ ce·w·loss_scale, with autograd
-    ce: Tensor  # [K, T'-1] fp32, detached; 0 where it was not computed
-    weight: Tensor  # [K, T'-1] 1 where the position counts in the loss denominator, 0 elsewhere
-    rows: Tensor  # [K] the batch rows they are
-    stats: BatchStats
-    decision: PruneDecision
-    fwd_tokens: int  # positions (padding included) through all forward passes
-
-
 class SFTModule(LightningModule):
     """Causal-LM fine-tuning under a `PruningPolicy`.
 
     Args:
         model: a Hugging Face causal LM (optionally peft-wrapped).
-        policy: decides, per batch, which rows and positions count.
+        policy: decides, per training batch, which rows and positions count.
         optimizer: partial of a torch optimizer, called with the trainable parameters.
         scheduler: partial called with ``(optimizer, total_steps=...)`` returning a per-step LR scheduler, or None.
         max_bad_steps: micro-batches in a row with a non-finite loss before the run stops (each one is skipped).
-        gradient_clip_val: the gradient-norm clip of a window the module trains itself (a policy that
-            `decides_per_window`: Lightning clips only under automatic optimization); None or 0: no clipping.
+        scope: over which rows one decision is made (`StepScope`).
+        gradient_clip_val: the gradient-norm clip of a window the module trains itself (Lightning clips under
+            automatic optimization); None or 0: no clipping.
     """
 
     def __init__(
@@ -96,14 +212,15 @@ class SFTModule(LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         max_bad_steps: int = 10,
+        scope: StepScope | None = None,
         gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
-        # One decision per optimizer step: each training batch is a whole window, accumulated here (`window_step`).
-        self.automatic_optimization = not policy.decides_per_window
-        self.gradient_clip_val = gradient_clip_val
         if max_bad_steps < 1:
             raise QTuningError(f"max_bad_steps={max_bad_steps} must be at least 1")
+        self.scope = scope or StepScope()
+        self.automatic_optimization = not self.scope.manual
+        self.gradient_clip_val = gradient_clip_val
         self.max_bad_steps = max_bad_steps
         self.bad_steps_in_a_row = 0
         self.bad_steps = 0
@@ -112,63 +229,111 @@ class SFTModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_loss = MeanMetric()  # weighted by response tokens: the token-level mean over the whole split
-        self._window_loss_sum = torch.zeros(())
-        self._window_tokens = torch.zeros(())
-        self._window_input_tokens = 0
-        # forward and backward positions, and response tokens learnt from, of this device's micro-batches in the window
-        self._window_positions = [0, 0, 0]
+        self.sums = StepSums()
         self.token_totals = dict.fromkeys(TOKEN_TOTALS, 0)  # checkpointed: a resumed run ends with the same totals
         self.total_steps: int | None = None  # optimizer steps of the whole run as planned (the LR schedule's length)
-        self._step_started: float | None = None
 
-    # ---- training ---------------------------------------------------------------------------------------------
+    # ---- training: one decision's rows per batch --------------------------------------------------------------
 
-    def forward_kept(self, batch: Batch) -> KeptForward:
-        """Decide, then forward the rows that count.
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
+        """Score, decide, train the kept rows (and, for a window the module trains itself, step the optimizer).
 
-        ``separate``: a no-grad scoring pass, then a grad forward over the kept rows only (re-padded).
-        ``shared``: one grad forward over the whole batch, statistics from its detached hidden states, pruning by
-        mask. Either way the loss comes from the LM head at the kept response positions only, in chunks.
+        Returns what the step made, for callbacks (`on_train_batch_end`'s ``outputs``): ``loss``, ``stats`` ``[W,
+        T-1]``, ``decision`` and ``row_losses`` (``[K]`` sample_idx, ``[K]`` mean loss of each kept row); None when
+        every training pass had a non-finite loss.
         """
-        labels, mask = batch["labels"], batch["attention_mask"]
-        head = output_head(self.model)
-        if self.policy.needs_scores and self.policy.scoring == "shared":
-            hidden = final_hidden_states(self.model, batch)  # [B, T, H]
-            stats = BatchStats.from_hidden_states(hidden, head, head.vocab_size, labels, mask, batch["sample_idx"])
-            stats = self.policy.enrich(self.model, batch, stats)
-            decision = self.policy.select(stats)
-            rows = torch.arange(stats.batch_size, device=hidden.device)
-            weight = decision.token_keep.float()  # [B, T-1]
-            loss_sum, ce = token_loss(hidden, head, labels, mask, self.loss_weight(weight, decision, rows))
-            return KeptForward(loss_sum, ce, weight, rows, stats, decision, batch["input_ids"].numel())
-        if self.policy.needs_scores:
-            stats = scoring_forward(self.model, batch)
-        else:
-            stats = BatchStats.from_masks(labels, mask, batch["sample_idx"])
-        stats = self.policy.enrich(self.model, batch, stats)
-        decision = self.policy.select(stats)
-        rows = decision.sample_keep.nonzero().squeeze(1)  # [K]
-        loss_sum, ce, weight, rows, positions = self.train_rows(batch, rows, decision)
-        scored = batch["input_ids"].numel() if self.policy.needs_scores else 0
-        return KeptForward(loss_sum, ce, weight, rows, stats, decision, scored + positions)
+        self.sums.start()
+        scored = self.score(batch)
+        decision = self.decide(scored.stats)
+        passes = self.train_kept(batch, scored, decision, batch_idx)
+        self.sums.add_batch(batch, scored)
+        forward = scored.positions + sum(p.forward_positions for p in passes)
+        self.log_decision(scored.stats, decision, forward, sum(p.backward_positions for p in passes))
+        if self.scope.manual:
+            self.step_optimizer()
+        if not passes:
+            return None
+        losses = [p.row_losses(batch) for p in passes]
+        return {
+            # under automatic optimization, Lightning's backward pass (one training pass: a window of one micro-batch)
+            "loss": passes[0].loss_sum if self.automatic_optimization else sum(p.loss_sum.detach() for p in passes),
+            "stats": scored.stats,
+            "decision": decision,
+            "row_losses": (torch.cat([idx for idx, _ in losses]), torch.cat([loss for _, loss in losses])),
+        }
 
-    def train_rows(
-        self, batch: Batch, rows: Tensor, decision: PruneDecision
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-        """A grad forward over ``rows`` ``[K]`` of ``batch``, re-padded to their own longest sequence: the loss sum,
-        ``ce`` and ``weight`` ``[K, T'-1]``, the rows, and the positions that went through.
+    def score(self, batch: Batch) -> Scored:
+        """Step 1: the statistics the policy decides from, with what it adds from the model (`PruningPolicy.enrich`),
+        from a scoring pass per micro-batch (``separate``), from one grad forward over the batch (``shared``) or from
+        the masks alone."""
+        labels, mask, sample_idx = batch["labels"], batch["attention_mask"], batch["sample_idx"]
+        if not self.policy.needs_scores:
+            stats = BatchStats.from_masks(labels, mask, sample_idx)
+            return Scored(self.policy.enrich(self.model, batch, stats), None, 0)
+        if self.policy.scoring == "shared":
+            hidden = final_hidden_states(self.model, batch)  # [B, T, H], with autograd: the training forward too
+            head = output_head(self.model)
+            stats = BatchStats.from_hidden_states(hidden, head, head.vocab_size, labels, mask, sample_idx)
+            return Scored(self.policy.enrich(self.model, batch, stats), hidden, batch["input_ids"].numel())
+        parts, positions = [], 0
+        for rows in torch.arange(labels.shape[0], device=labels.device).split(self.scope.micro_batch or len(labels)):
+            micro = select_rows(batch, rows)
+            parts.append(self.policy.enrich(self.model, micro, scoring_forward(self.model, micro)))
+            positions += micro["input_ids"].numel()
+        return Scored(parts[0] if len(parts) == 1 else concat_stats(parts), None, positions)
+
+    def decide(self, stats: BatchStats) -> PruneDecision:
+        """Step 2 (`decide`)."""
+        return decide(self.policy, stats, self.scope.across_devices)
+
+    def train_kept(self, batch: Batch, scored: Scored, decision: PruneDecision, batch_idx: int) -> list[Trained]:
+        """Step 3: the training passes over the kept rows, the finite ones. Under manual optimization each is also
+        backpropagated here, the gradients synchronised across devices at the last; a non-finite last pass still
+        joins that synchronisation with a zero gradient."""
+        if scored.hidden is not None:  # shared scoring: the scoring forward was the training forward, over every row
+            groups = [torch.arange(scored.hidden.shape[0], device=scored.hidden.device)]
+        else:
+            lengths = scored.stats.nonpad_mask.sum(1)  # [W]
+            groups = length_groups(decision.sample_keep, lengths, self.scope.micro_batch or len(lengths))
+        passes = []
+        for i, rows in enumerate(groups):
+            last = i == len(groups) - 1
+            with self.gradient_sync(last):
+                trained = self.train_rows(batch, rows, decision, scored.hidden)
+                if not torch.isfinite(trained.loss_sum):
+                    self.skip_nonfinite(batch_idx)
+                    if self.scope.manual and last:  # the other devices wait in this backward's all-reduce
+                        self.manual_backward(zero_for_every_parameter(self.model))
+                    continue
+                if self.scope.manual:
+                    self.manual_backward(trained.loss_sum)
+            self.bad_steps_in_a_row = 0
+            self.sums.add_pass(trained, batch)
+            passes.append(trained)
+        return passes
+
+    def train_rows(self, batch: Batch, rows: Tensor, decision: PruneDecision, hidden: Tensor | None = None) -> Trained:
+        """The loss over ``rows`` ``[K]`` of ``batch``: from a grad forward over them (laid out by `select_rows`), or
+        from ``hidden``, the shared scoring forward over every row.
 
         No row (a global or window decision may leave a device nothing): one row goes through with weight 0, so the
-        step contributes 0 and every device still joins the gradient all-reduce.
+        pass contributes 0 and every device still joins the gradient all-reduce.
         """
+        head = output_head(self.model)
+        if hidden is not None:
+            weight = decision.token_keep.float()  # [B, T-1]
+            loss_weight = self.loss_weight(weight, decision, rows)
+            loss_sum, ce = token_loss(hidden, head, batch["labels"], batch["attention_mask"], loss_weight)
+            return Trained(loss_sum, ce, weight, rows, 0, batch["input_ids"].numel())
         if rows.numel() == 0:
             rows = torch.zeros(1, dtype=torch.long, device=rows.device)
         kept = select_rows(batch, rows)
         hidden = final_hidden_states(self.model, kept)  # [K, T', H]
         weight = decision.token_keep[rows, : hidden.shape[1] - 1].float()  # [K, T'-1]
-        head, labels, mask = output_head(self.model), kept["labels"], kept["attention_mask"]
-        loss_sum, ce = token_loss(hidden, head, labels, mask, self.loss_weight(weight, decision, rows))
-        return loss_sum, ce, weight, rows, kept["input_ids"].numel()
+        loss_weight = self.loss_weight(weight, decision, rows)
+        loss_sum, ce = token_loss(hidden, head, kept["labels"], kept["attention_mask"], loss_weight)
+        positions = kept["input_ids"].numel()
+        return Trained(loss_sum, ce, weight, rows, positions, positions)
 
     @staticmethod
     def loss_weight(weight: Tensor, decision: PruneDecision, rows: Tensor) -> Tensor:
@@ -176,105 +341,32 @@ class SFTModule(LightningModule):
         the loss, not the token count of the denominator."""
         return weight if decision.loss_scale is None else weight * decision.loss_scale[rows, None]
 
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
-        """The loss sum of the micro-batch, and what the step made for callbacks (`on_train_batch_end`'s
-        ``outputs``): ``stats``, ``decision``, and ``row_losses`` (``[K]`` sample_idx, ``[K]`` mean loss of each
-        kept row, what dataset-level pruners such as InfoBatch score samples by)."""
-        if not self.automatic_optimization:
-            return self.window_step(batch, batch_idx)
-        if self._step_started is None:
-            self._step_started = time.perf_counter()
-        loss_sum, ce, weight, rows, stats, decision, fwd_tokens = self.forward_kept(batch)
-        if not torch.isfinite(loss_sum):
-            return self.skip_nonfinite(batch_idx)
-        self.bad_steps_in_a_row = 0
-        bwd_tokens = ce.shape[0] * (ce.shape[1] + 1)
-        self.add_to_window(loss_sum, weight.sum(), (fwd_tokens, bwd_tokens, response_tokens(batch, rows, weight)))
-        self._window_input_tokens += int(batch["attention_mask"].sum())
-        self.log_decision(stats, decision, fwd_tokens, bwd_tokens)
-        # Lightning divides the loss by accumulate_grad_batches; on_before_optimizer_step undoes that.
-        row_losses = (batch["sample_idx"][rows], row_mean_loss(ce, weight))
-        return {"loss": loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
+    def gradient_sync(self, last: bool) -> AbstractContextManager:
+        """Around a manual backward pass: DDP's ``no_sync`` unless it is the window's last (under automatic
+        optimization Lightning does this itself)."""
+        strategy = self.trainer.strategy if self.scope.manual else None
+        if last or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
 
-    def window_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
-        """One optimizer step over ``batch``, this device's whole accumulation window (manual optimization):
-
-        1. no-grad scoring passes over its micro-batches of ``data.batch_size`` rows, their statistics as one;
-        2. one decision over the window of every device (`policy.select` gathers them);
-        3. the kept rows, grouped by length, in training micro-batches of at most ``data.batch_size`` rows: forward
-           and backward each, the gradients synchronised across devices at the last one only;
-        4. the optimizer step (`on_before_optimizer_step` normalises by the window's loss tokens and clips).
-
-        Returns what `training_step` does, over the window: its statistics ``[W, T-1]``, the decision and the kept
-        rows' losses; None when every micro-batch had a non-finite loss.
-        """
-        self._step_started = time.perf_counter()
-        stats, decision, groups, scored = self.decide_window(batch, self.trainer.datamodule.batch_size)
-        trained, losses = 0, []
-        for i, group in enumerate(groups):
-            # DDP all-reduces the accumulated gradients once, at the window's last backward pass
-            with nullcontext() if i == len(groups) - 1 else self.gradient_sync_off():
-                loss_sum, ce, weight, rows, positions = self.train_rows(batch, group, decision)
-                if not torch.isfinite(loss_sum):
-                    self.skip_nonfinite(batch_idx)
-                    if i == len(groups) - 1:  # the other devices wait in this backward's all-reduce: join it with 0
-                        self.manual_backward(zero_for_every_parameter(self.model))
-                    continue
-                self.manual_backward(loss_sum)
-            self.bad_steps_in_a_row = 0
-            self.add_to_window(loss_sum, weight.sum(), (positions, positions, response_tokens(batch, rows, weight)))
-            trained += positions
-            losses.append((batch["sample_idx"][rows], row_mean_loss(ce, weight)))
-        self._window_input_tokens += int(batch["attention_mask"].sum())
-        self._window_positions[0] += scored
-        self.log_decision(stats, decision, scored + trained, trained)
-        window_loss_sum = self._window_loss_sum  # the step below starts the next window's sums
+    def step_optimizer(self) -> None:
+        """Step 4 for a window the module trains itself (`on_before_optimizer_step` normalises and clips)."""
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        if not losses:
-            return None
-        row_losses = (torch.cat([idx for idx, _ in losses]), torch.cat([loss for _, loss in losses]))
-        return {"loss": window_loss_sum, "stats": stats, "decision": decision, "row_losses": row_losses}
 
-    def decide_window(self, batch: Batch, micro: int) -> tuple[BatchStats, PruneDecision, list[Tensor], int]:
-        """What `window_step` does before training: the window's statistics ``[W, T-1]`` from scoring passes over its
-        micro-batches of ``micro`` rows, the decision, the kept rows in training groups of at most ``micro`` (one
-        empty group when none is kept: its stand-in row still joins the all-reduce, see `train_rows`), and the
-        positions the scoring passes went through."""
-        parts, scored = [], 0
-        for chunk in torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device).split(micro):
-            sub = select_rows(batch, chunk)
-            parts.append(self.policy.enrich(self.model, sub, scoring_forward(self.model, sub)))
-            scored += sub["input_ids"].numel()
-        stats = concat_stats(parts)  # [W, T-1]
-        decision = self.policy.select(stats)
-        return stats, decision, length_groups(decision.sample_keep, stats.nonpad_mask.sum(1), micro), scored
-
-    def gradient_sync_off(self) -> AbstractContextManager:
-        """A region whose backward passes only accumulate gradients locally (DDP's ``no_sync``)."""
-        strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
-
-    def add_to_window(self, loss_sum: Tensor, loss_tokens: Tensor, positions: tuple[int, int, int]) -> None:
-        """Add one trained micro-batch to the window's sums: ``Σ ce·w``, ``Σ w``, forward and backward positions and
-        the response tokens learnt from."""
-        self._window_loss_sum = self._window_loss_sum.to(loss_sum.device) + loss_sum.detach()
-        self._window_tokens = self._window_tokens.to(loss_sum.device) + loss_tokens
-        self._window_positions = [done + more for done, more in zip(self._window_positions, positions, strict=True)]
-
-    def log_decision(self, stats: BatchStats, decision: PruneDecision, fwd_tokens: int, bwd_tokens: int) -> None:
+    def log_decision(self, stats: BatchStats, decision: PruneDecision, forward: int, backward: int) -> None:
         """The decision's per-step scalars, and the positions (padding included) through all forward passes and
-        through the backward pass."""
+        through the backward passes of the training batch."""
         self.log_dict(
             {
                 "prune/kept_samples": decision.sample_keep.float().mean(),
                 "prune/kept_tokens": decision.token_keep.sum() / stats.nonpad_mask.sum().clamp(min=1),
-                "prune/fwd_tokens": float(fwd_tokens),
-                "prune/bwd_tokens": float(bwd_tokens),
+                "prune/fwd_tokens": float(forward),
+                "prune/bwd_tokens": float(backward),
                 **{f"prune/{k}": float(v) for k, v in decision.metrics.items()},
             },
             on_step=True,
@@ -283,7 +375,7 @@ class SFTModule(LightningModule):
         )
 
     def skip_nonfinite(self, batch_idx: int) -> None:
-        """A non-finite loss: no backward pass, nothing accumulated (returning None skips the micro-batch)."""
+        """A non-finite loss: no backward pass, nothing accumulated."""
         self.bad_steps += 1
         self.bad_steps_in_a_row += 1
         self.log("train/nonfinite_skipped", float(self.bad_steps), on_step=True, on_epoch=False)
@@ -293,41 +385,34 @@ class SFTModule(LightningModule):
                 f"max_bad_steps={self.max_bad_steps}: {self.bad_steps_in_a_row} micro-batches in a row had a "
                 "non-finite loss (lower optimizer.lr, or use model.dtype=fp32); the last finite state is saved"
             )
-        return None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide the summed gradients by the loss tokens of the whole accumulation window, over all devices."""
-        reduce = self.trainer.strategy.reduce
-        tokens = reduce(self._window_tokens.clone(), reduce_op="sum")
-        loss_sum = reduce(self._window_loss_sum.clone(), reduce_op="sum")
-        positions = reduce(torch.tensor(self._window_positions, device=tokens.device), reduce_op="sum")  # [3] int64
-        for key, value in zip(TOKEN_TOTALS, [round(float(tokens)), *positions.tolist()], strict=True):
+        """Turn the summed gradients into those of the step's loss ``Σ ce·w / Σ w`` over all devices, clip them (for
+        a window the module trains itself: Lightning clips after this hook otherwise), and log the step."""
+        totals = self.sums.reduce(self.trainer.strategy, self.device)
+        counts = [round(float(totals.loss_tokens)), totals.forward_positions, totals.backward_positions]
+        for key, value in zip(TOKEN_TOTALS, [*counts, totals.response_tokens], strict=True):
             self.token_totals[key] += value
-        # DDP averaged the gradients over devices and Lightning divided them by the accumulation count (1 when the
-        # module trains the window itself).
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        scale = gradient_scale(totals.loss_tokens, self.trainer.accumulate_grad_batches, self.trainer.world_size)
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
-        if not self.automatic_optimization and self.gradient_clip_val:  # Lightning clips after this hook otherwise
+        if self.scope.manual and self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
         self.log_dict(
             {
-                "train/loss": loss_sum / tokens.clamp(min=1),
+                "train/loss": totals.loss_sum / totals.loss_tokens.clamp(min=1),
+                # the NLL per response token learnt from: comparable across pruners and loss_norm, unlike train/loss
+                "train/nll": totals.nll_sum / max(1, totals.response_tokens),
                 "train/lr": optimizer.param_groups[0]["lr"],
-                "train/loss_tokens": tokens,
-                "train/tokens_per_s": self._window_input_tokens / max(elapsed, 1e-9),
+                "train/loss_tokens": totals.loss_tokens,
+                "train/tokens_per_s": self.sums.input_tokens / max(self.sums.seconds(), 1e-9),
             },
             on_step=True,
             on_epoch=False,
             prog_bar=True,
         )
-        self._window_loss_sum = torch.zeros((), device=loss_sum.device)
-        self._window_tokens = torch.zeros((), device=loss_sum.device)
-        self._window_input_tokens = 0
-        self._window_positions = [0, 0, 0]
-        self._step_started = None
+        self.sums.reset()
 
     # ---- validation: never pruned -----------------------------------------------------------------------------
 

@@ -160,9 +160,10 @@ def _rule(group: str, path: str) -> Range | Either | None:
     return None
 
 
-def out_of_range(cfg: DictConfig) -> str | None:
-    """The first number outside its range, as ``key=value must be <range>``; None when all are in range. Only the
-    leaves with a rule are resolved (others may interpolate what is not known yet)."""
+def out_of_range(cfg: DictConfig) -> list[str]:
+    """Every number outside its range, each as ``key=value must be <range>``, in config order; only the leaves with
+    a rule are resolved (others may interpolate what is not known yet)."""
+    problems = []
     for group in RANGES:
         node = cfg if not group else cfg.get(group)
         if not isinstance(node, DictConfig):
@@ -173,5 +174,5 @@ def out_of_range(cfg: DictConfig) -> str | None:
             rule = _rule(group, path)
             key = f"{group}.{path}" if group else path
             if rule is not None and not rule.allows(value := OmegaConf.select(cfg, key)):
-                return f"{key}={value} must be {rule}"
-    return None
+                problems.append(f"{key}={value} must be {rule}")
+    return problems

@@ -49,8 +49,10 @@ NAMES = {
     "entropy": "Entropy",
     "ppl": "PPL",
     "fastv": "FastV",
+    "fastv_authors": "FastV",  # at lr_scale 0.5, which labels the row
     "sparsevlm": "SparseVLM",
     "sparsevlm_inverted": "SparseVLM (inverted)",
+    "sparsevlm_authors": "SparseVLM (inverted)",  # at lr_scale 0.5
     "rho1": "Rho-1",
     "random_batch": "Random (in-batch)",
 }
@@ -76,7 +78,8 @@ DEFAULT_METRICS = ["val/loss", "val/ppl"]
 RUN_METRIC_PREFIXES = ("val/", "train/", "trainer/", "prune/", "eval/")
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 # Columns of their own, never row or block splitters: seed in particular, so that replicates share a row; a
-# ``method`` (conf/method/) is only a name for the pruner choices it sets.
+# ``method`` (the presets of sweeps run before they were folded into pruner/sample x pruner/token) is only a name for
+# the pruner choices it set.
 OWN_COLUMNS = {"pruner", "pruner/sample", "pruner/token", "budget", "seed", "method"}
 CSV_FIXED = ["job", "status", "pruner", "sample_pruner", "token_pruner", "budget", "r_sample", "r_token", "seed"]
 
@@ -112,11 +115,11 @@ def label(name: Any) -> str:
 
 def pruner_labels(choices: dict[str, Any], pruner_cfg: dict[str, Any] | None = None) -> tuple[str, str]:
     """(sample pruner, token pruner) as the paper names them, from Hydra's config-group choices; a Q-Tuning triage
-    other than the authors' (set by a method= preset, not an override) is named in the label."""
+    other than the authors' (set by a preset such as pruner=qtuning_robust, not an override) is named in the label."""
     if "pruner" not in choices:
         return ZERO_SHOT, NO_TOKEN
     pruner = str(choices.get("pruner"))
-    if pruner == "qtuning":
+    if pruner in ("qtuning", "qtuning_robust"):
         variant = [
             f"{k}={v}" for k, default in QTUNING_TRIAGE.items() if (v := (pruner_cfg or {}).get(k, default)) != default
         ]
@@ -151,7 +154,7 @@ def load_job(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "r_sample": ratio(budget.get("r_sample")),
         "r_token": ratio(budget.get("r_token")),
         "seed": config.get("seed"),
-        "lr_scale": config.get("lr_scale", 1.0),  # a method= preset's (the authors' FastV and SparseVLM rows: 0.5)
+        "lr_scale": config.get("lr_scale", 1.0),  # a preset's (the authors' FastV and SparseVLM rows: 0.5)
         "overrides": {k: v for k, v in overrides.items() if k not in OWN_COLUMNS},
         "metrics": read_metrics(metrics_file) if metrics_file.exists() else {},
     }

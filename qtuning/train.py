@@ -22,7 +22,7 @@ from qtuning.errors import exit_on_bad_input, run_cli
 from qtuning.eval import check_eval, evaluate, log_to_loggers
 from qtuning.loggers import build_loggers, describe_wandb, finish_wandb
 from qtuning.models import build_model, build_tokenizer
-from qtuning.module import SFTModule
+from qtuning.module import SFTModule, StepScope
 from qtuning.outputs import save_hf_model, write_atomic
 from qtuning.pruning import PruningPolicy
 from qtuning.resume import SaveOnInterrupt, check_checkpoint, resolve_resume
@@ -49,10 +49,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.setup("fit")  # read and tokenise now: bad data fails before the model is loaded
     policy: PruningPolicy = instantiate_key(cfg.pruner, "pruner")
     model = build_model(cfg.model, cfg.paths.cache_dir, vocab_size=len(tokenizer), seed=cfg.seed)
-    # A policy deciding per optimizer step gets each accumulation window as one batch, and the module accumulates
-    # and clips it itself: the Trainer then neither accumulates nor clips.
-    per_window = policy.decides_per_window
-    window_trainer = {"accumulate_grad_batches": 1, "gradient_clip_val": None} if per_window else {}
+    # Over which rows one decision is made: set here, once, for the data (rows per training batch), the module and
+    # the Trainer. A window of several micro-batches is trained, accumulated and clipped by the module itself.
+    scope = StepScope(policy.threshold_scope, cfg.data.batch_size, cfg.trainer.accumulate_grad_batches)
+    module_steps = {"accumulate_grad_batches": 1, "gradient_clip_val": None} if scope.manual else {}
     # data.val_size 0: Lightning skips validation instead of warning about an empty loader
     no_validation = {} if datamodule.val_examples else {"limit_val_batches": 0}
     module = SFTModule(
@@ -61,14 +61,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         optimizer=optimizer_factory(cfg),
         scheduler=instantiate_key(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         max_bad_steps=cfg.max_bad_steps,
-        gradient_clip_val=cfg.trainer.get("gradient_clip_val") if per_window else None,
+        scope=scope,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val") if scope.manual else None,
     )
     callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
     callbacks.append(SaveOnInterrupt(str(checkpoint_dir)))
-    datamodule.connect(  # who plans each epoch's samples, and how many micro-batches one training batch holds
-        policy if isinstance(policy, EpochPlanner) else None,
-        window=cfg.trainer.accumulate_grad_batches if per_window else 1,
-    )
+    datamodule.connect(policy if isinstance(policy, EpochPlanner) else None, window=scope.window)
     loggers = build_loggers(cfg)
     try:
         # Every epoch gets its own loader, which splits the data across processes itself (EpochSampler).
@@ -79,7 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             logger=loggers or False,
             reload_dataloaders_every_n_epochs=1,
             use_distributed_sampler=False,
-            **window_trainer,
+            **module_steps,
             **no_validation,
         )
         for logger in loggers:

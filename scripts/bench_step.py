@@ -16,10 +16,10 @@ With ``--windows A ...``, one optimizer step over a global batch of A micro-batc
 shuffled, as a real window's are), A at a time:
 - ``local/A``: Q-Tuning's default, each micro-batch scored, decided and its kept rows trained on its own;
 - ``window/A``: ``threshold_scope=window``, one scoring pass per micro-batch, one decision over the window, the kept
-  rows re-packed by length into micro-batches of at most ``--batch`` rows (`SFTModule.decide_window`);
+  rows re-packed by length into micro-batches of at most ``--batch`` rows (as `SFTModule.train_kept` groups them);
 - ``unpacked/A``: the same decision, each micro-batch's kept rows trained on their own (what re-packing saves).
-These are what `SFTModule` runs: the LM head only at the positions that count, in chunks. Beside them, with
-``@logits``, the same modes through the full ``[B, T, V]`` logits, as the code computed them before the chunked loss.
+These are what `SFTModule` runs (its `score`, `decide` and `train_rows`): the LM head only at the positions that
+count, in chunks. (The full-logits path the code ran before is retired; its numbers stay in docs/benchmarks.md.)
 
 Step time: the median over ``--steps`` rounds after ``--warmup`` rounds; modes interleaved in random order, each timed
 step right after an untimed one of the same mode (steady state, not the cost of regrowing another mode's memory).
@@ -48,16 +48,22 @@ from hydra import compose, initialize_config_dir
 
 from qtuning.config import config_dir
 from qtuning.models import build_model, build_tokenizer
-from qtuning.module import SFTModule
-from qtuning.pruning import BatchStats, NoPruning, PruneDecision, QTuningPolicy, shift_targets, token_loss
-from qtuning.pruning.passes import final_hidden_states, output_head, scoring_forward, select_rows
+from qtuning.module import SFTModule, StepScope
+from qtuning.ops import (
+    final_hidden_states,
+    length_groups,
+    output_head,
+    scoring_forward,
+    select_rows,
+    shift_targets,
+    token_loss,
+)
+from qtuning.pruning import NoPruning, QTuningPolicy
 
 ROOT = Path(__file__).resolve().parents[1]  # where `python -m scripts.bench_step` finds this file (memory probes)
 
 R_SAMPLE, R_TOKEN = 0.25, 0.5
 MODES = ("full", "shared", "separate", "ideal", "scoring", "validation")
-BEFORE = ("full", "shared", "separate", "scoring", "validation")  # the modes that also run through the full logits
-ALL_MODES = [*MODES, *(f"{mode}@logits" for mode in BEFORE)]
 WINDOW_KINDS = ("local", "window", "unpacked")
 Batch = dict[str, torch.Tensor]
 
@@ -91,16 +97,6 @@ def make_batch(vocab: int, batch: int, length: int, device: torch.device, shuffl
     }
 
 
-def logits_cross_entropy(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The path before the chunked loss: full ``[B, T, V]`` logits, fp32 cross-entropy at every position."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-    targets, response, _ = shift_targets(batch["labels"], batch["attention_mask"])
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
-    )
-    return logits, ce.view_as(targets) * response
-
-
 class Bench:
     """One model and batch, with a step function for every mode."""
 
@@ -116,28 +112,28 @@ class Bench:
         self.device = device
         self.dtype = torch.bfloat16 if precision == "bf16-mixed" else None
         self.optimizer = self.new_optimizer()
-        self.policy = QTuningPolicy(R_SAMPLE, R_TOKEN)
-        self.shared_policy = QTuningPolicy(R_SAMPLE, R_TOKEN, scoring="shared")
+        self.micro = batch_size
         self.modules = {
             "full": SFTModule(self.model, NoPruning(), optimizer=torch.optim.AdamW),
-            "shared": SFTModule(self.model, self.shared_policy, optimizer=torch.optim.AdamW),
-            "separate": SFTModule(self.model, self.policy, optimizer=torch.optim.AdamW),
-            "window": SFTModule(
-                self.model, QTuningPolicy(R_SAMPLE, R_TOKEN, threshold_scope="window"), optimizer=torch.optim.AdamW
-            ),
+            "shared": SFTModule(self.model, QTuningPolicy(R_SAMPLE, R_TOKEN, scoring="shared"), torch.optim.AdamW),
+            "separate": SFTModule(self.model, QTuningPolicy(R_SAMPLE, R_TOKEN), optimizer=torch.optim.AdamW),
         }
-        self.micro = batch_size
         self.windows = {
             a: make_batch(len(tokenizer), a * batch_size, length, device, shuffle=True) for a in args.windows
         }
+        self.window_modules = {
+            a: SFTModule(
+                self.model,
+                QTuningPolicy(R_SAMPLE, R_TOKEN, threshold_scope="window"),
+                optimizer=torch.optim.AdamW,
+                scope=StepScope("window", batch_size, a),
+            )
+            for a in args.windows
+        }
         self.trained_positions: dict[str, int] = {}  # of the window modes' last step, padding included
         with self.autocast():
-            decision = self.decide(self.policy, scoring_forward(self.model, self.batch))
+            decision = self.modules["separate"].decide(self.modules["separate"].score(self.batch).stats)
         self.kept_rows = decision.sample_keep.nonzero()[:, 0]
-
-    def decide(self, policy: QTuningPolicy, stats: BatchStats) -> PruneDecision:
-        """A decision as the training step makes it: `enrich`, then `select`."""
-        return policy.select(policy.enrich(self.model, self.batch, stats))
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
@@ -156,8 +152,6 @@ class Bench:
         """One optimizer step (or validation pass) of ``mode``."""
         if "/" in mode:
             return self.window_step(mode)
-        if mode.endswith("@logits"):
-            return self.logits_step(mode.removesuffix("@logits"))
         if mode in ("scoring", "validation"):
             with torch.no_grad(), self.autocast():
                 if mode == "scoring":
@@ -175,7 +169,10 @@ class Bench:
                 loss_sum, _ = token_loss(hidden, output_head(self.model), kept["labels"], kept["attention_mask"])
                 weight = shift_targets(kept["labels"], kept["attention_mask"])[1].float()
             else:
-                loss_sum, _, weight, *_ = self.modules[mode].forward_kept(self.batch)
+                module = self.modules[mode]
+                scored = module.score(self.batch)
+                (trained,) = module.train_kept(self.batch, scored, module.decide(scored.stats), batch_idx=0)
+                loss_sum, weight = trained.loss_sum, trained.weight
             loss = loss_sum / weight.sum().clamp(min=1)
         self.backward_and_step(loss)
 
@@ -187,51 +184,31 @@ class Bench:
         chunks = torch.arange(batch["input_ids"].shape[0], device=self.device).split(self.micro)
         trained = 0
         if kind == "local":
+            module = self.modules["separate"]
             for chunk in chunks:
+                micro = select_rows(batch, chunk)
                 with self.autocast():
-                    loss_sum, ce, *_ = self.modules["separate"].forward_kept(select_rows(batch, chunk))
-                loss_sum.backward()
-                trained += ce.shape[0] * (ce.shape[1] + 1)
+                    scored = module.score(micro)
+                    (result,) = module.train_kept(micro, scored, module.decide(scored.stats), batch_idx=0)
+                result.loss_sum.backward()
+                trained += result.backward_positions
         else:
-            module = self.modules["window"]
+            module = self.window_modules[int(accumulate)]
             with self.autocast():
-                _, decision, groups, _ = module.decide_window(batch, self.micro)
+                scored = module.score(batch)
+                decision = module.decide(scored.stats)
             if kind == "unpacked":
                 groups = [kept for chunk in chunks if (kept := chunk[decision.sample_keep[chunk]]).numel()]
+            else:
+                groups = length_groups(decision.sample_keep, scored.stats.nonpad_mask.sum(1), self.micro)
             for rows in groups:
                 with self.autocast():
-                    loss_sum, *_, positions = module.train_rows(batch, rows, decision)
-                loss_sum.backward()
-                trained += positions
+                    result = module.train_rows(batch, rows, decision)
+                result.loss_sum.backward()
+                trained += result.backward_positions
         self.trained_positions[mode] = trained
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def logits_step(self, mode: str) -> None:
-        """``mode`` through the full logits, as before the chunked loss."""
-        batch = self.batch
-        if mode in ("scoring", "validation"):
-            with torch.no_grad(), self.autocast():
-                logits, ce = logits_cross_entropy(self.model, batch)
-                if mode == "scoring":
-                    BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"])
-            return
-        with self.autocast():
-            if mode == "full":
-                ce = logits_cross_entropy(self.model, batch)[1]
-                weight = shift_targets(batch["labels"], batch["attention_mask"])[1].float()
-            elif mode == "shared":
-                logits, ce = logits_cross_entropy(self.model, batch)
-                stats = BatchStats.from_logits(logits, batch["labels"], batch["attention_mask"])
-                weight = self.decide(self.shared_policy, stats).token_keep.float()
-            else:  # separate: the scoring pass was chunked already; the kept rows' training forward was not
-                decision = self.decide(self.policy, scoring_forward(self.model, batch))
-                rows = decision.sample_keep.nonzero()[:, 0]
-                kept = select_rows(batch, rows)
-                ce = logits_cross_entropy(self.model, kept)[1]
-                weight = decision.token_keep[rows, : ce.shape[1]].float()
-            loss = (ce * weight).sum() / weight.sum().clamp(min=1)
-        self.backward_and_step(loss)
 
 
 def sync(device: torch.device) -> None:
@@ -307,7 +284,7 @@ def step_times(bench: Bench, modes: list[str], args: argparse.Namespace, device:
 
 
 def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device: torch.device) -> dict:
-    modes = [*(ALL_MODES if args.before else MODES), *window_modes(args.windows)]
+    modes = [*MODES, *window_modes(args.windows)]
     bench = Bench(args, name, lora, length, device)
     tokens = int(bench.batch["attention_mask"].sum())
     medians = step_times(bench, modes, args, device)
@@ -344,25 +321,16 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
         "right after an untimed step of the same mode. Memory: one step in a fresh process, above the level once the "
         f"model, the batch and the optimizer are loaded ({memory_kind}; AdamW's state is created in that step).",
         "",
-        "| model | tokens | fine-tuning | mode | step (s) | × full | tokens/s | peak memory (MB) |"
-        + (" before: step (s) | before: peak (MB) | step now / before |" if args.before else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.before else ""),
+        "| model | tokens | fine-tuning | mode | step (s) | × full | tokens/s | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (name, length, kind), r in results.items():
         m, mem = r["medians"], r["memory"]
         for mode in MODES:
-            row = (
+            lines.append(
                 f"| {name} | {args.batch} × {length} | {kind} | {mode} | {m[mode]:.3f} | {m[mode] / m['full']:.2f} "
                 f"| {r['tokens'] / m[mode]:,.0f} | {mem[mode] / 2**20:,.0f} |"
             )
-            if args.before:
-                before = f"{mode}@logits"
-                row += (
-                    f" {m[before]:.3f} | {mem[before] / 2**20:,.0f} | {m[mode] / m[before]:.2f} |"
-                    if before in m
-                    else " – | – | – |"
-                )
-            lines.append(row)
     if args.windows:
         lines += [
             "",
@@ -394,7 +362,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
-    parser.add_argument("--no-before", dest="before", action="store_false", help="skip the full-logits modes")
     parser.add_argument("--override", nargs="*", default=[], help="model overrides, e.g. model.tokenizer=DIR")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--write", type=Path, default=None, help="also write the Markdown table here")

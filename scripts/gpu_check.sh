@@ -9,7 +9,7 @@
 # Steps:
 # 1. the tests marked gpu;
 # 2. scripts/bench_step.py (python -m scripts.bench_step) on CUDA in bf16-mixed: SmolLM2-135M- and Llama-3.2-1B-shaped random-init models at
-#    8 x 2,048 (step times and ratios, tokens/s, max_memory_allocated of each mode, before and after the chunked loss);
+#    8 x 2,048 (step times and ratios, tokens/s, max_memory_allocated of each mode);
 #    then threshold_scope=window against local at global batches of 8 x 4 and 8 x 8 (SmolLM2-135M-shaped);
 # 3. 20 steps of trainer=gpu Q-Tuning on real ShareGPT chats (SmolLM2-135M-shaped model);
 # 4. a short trainer=fsdp run with LoRA on one GPU (--cpu: trainer=ddp_cpu; Lightning runs FSDP on GPUs only).
@@ -75,8 +75,8 @@ if [ "$mode" = gpu ]; then
     train=(trainer=gpu trainer.max_steps=20)
     sharded=(trainer=fsdp trainer.devices=1 trainer.max_steps=5 model.lora.enabled=true)
 else
-    # one benchmark run with the window modes, without the full-logits ones: the plumbing, in half the time
-    bench=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --no-before --windows 2)
+    # one benchmark run with the window modes at tiny shapes: the plumbing
+    bench=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --windows 2)
     windows=()
     model=(model=tiny_llama)
     data=(data=file data.path=tests/fixtures/tiny_sft.jsonl data.format=prompt_completion data.val_size=8)
@@ -89,7 +89,7 @@ step "tests marked gpu" 180 "$python" -m pytest -m gpu -q -p no:cacheprovider te
 step "bench_step, bf16-mixed" 300 "$python" -m scripts.bench_step "${bench[@]}" --precision bf16-mixed \
     --override "${model[@]:1}" --write "$work/bench.md" --json "$out/bench_step.json"
 if [ ${#windows[@]} -gt 0 ]; then
-    step "bench_step windows, bf16-mixed" 300 "$python" -m scripts.bench_step "${windows[@]}" --no-before \
+    step "bench_step windows, bf16-mixed" 300 "$python" -m scripts.bench_step "${windows[@]}" \
         --precision bf16-mixed --override "${model[@]:1}" --write "$work/bench_windows.md"
 fi
 step "Q-Tuning, ${train[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${train[@]}" "${common[@]}" \

@@ -4,16 +4,17 @@
 # the base model, all evaluated on ARC-E and ARC-C (full dev sets), TriviaQA and SQuAD (fixed subsets).
 #
 #   bash scripts/mini_repro.sh                       # writes docs/results/mini_table1.md
-#   OUT=logs/try ROWS=full,qtuning EVAL_ARGS="eval.limit=20" bash scripts/mini_repro.sh data.limit=300
+#   OUT=logs/try ROWS="'pruner=none','pruner=qtuning'" EVAL_ARGS="eval.limit=20" bash scripts/mini_repro.sh data.limit=300
 # Arguments go to the training jobs; EVAL_ARGS (eval.* overrides) to every evaluation, the base model's included.
 #
-# Rows (method=, conf/method/): full data, Random / Random, Longest / PPL, InfoBatch / Random, Entropy / PPL,
-# Q-Tuning as the authors coded it, and Q-Tuning with the noise-robust triage of docs/noise_probe.md.
+# Rows (hydra.sweeper.rows of conf/experiment/mini_repro.yaml, or ROWS: quoted overrides, one row each): full data,
+# Random / Random, Longest / PPL, InfoBatch / Random, Entropy / PPL, Q-Tuning as the authors coded it, and Q-Tuning
+# with the noise-robust triage of docs/noise_probe.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-logs/mini_repro}
-ROWS=${ROWS:-full,random_random,longest_ppl,infobatch_random,entropy_ppl,qtuning,qtuning_robust}
+ROWS=${ROWS:-}
 DOC=${DOC:-docs/results/mini_table1.md}
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 PYTHON=${PYTHON:-python}
@@ -25,7 +26,8 @@ rm -rf "$OUT"
 # The base model, zero-shot: the same evaluation, no training.
 "$PYTHON" -m qtuning.eval model=smollm2_135m eval=mini hydra.run.dir="$OUT/zero_shot" ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}
 # Every row: same seed, learning rate, schedule and epochs; one Hydra multirun, one W&B run per row.
-"$PYTHON" -m qtuning.train -m experiment=mini_repro method="$ROWS" hydra.sweep.dir="$OUT/train" \
+rows=(); [ -n "$ROWS" ] && rows=("hydra.sweeper.rows=[$ROWS]")
+"$PYTHON" -m qtuning.train -m experiment=mini_repro hydra.sweep.dir="$OUT/train" ${rows[@]+"${rows[@]}"} \
     ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"} "$@"
 "$PYTHON" -m qtuning.summarize "$OUT" --out "$OUT/summary" \
     --metrics arc_easy/acc arc_challenge/acc triviaqa/exact_match triviaqa/contains squad2/f1 runtime_s eval/runtime_s
@@ -37,7 +39,7 @@ mkdir -p "$(dirname "$DOC")"
     echo
     echo "Command: \`ROWS=$ROWS EVAL_ARGS=\"${EVAL_ARGS[*]+${EVAL_ARGS[*]}}\" bash scripts/mini_repro.sh $*\` — $((elapsed / 60)) min $((elapsed % 60)) s on this machine" \
          "($(nproc) CPU cores, torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))."
-    echo "Setup: \`conf/experiment/mini_repro.yaml\`; rows \`method=$ROWS\`; evaluation \`conf/eval/mini.yaml\`."
+    echo "Setup: \`conf/experiment/mini_repro.yaml\` (its rows${ROWS:+: $ROWS}); evaluation \`conf/eval/mini.yaml\`."
     echo "\`runtime_s\` is a row's wall time (training, validation and evaluation), \`eval/runtime_s\` its evaluation."
     echo
     tail -n +2 "$OUT/summary.md"   # without its own title

@@ -36,7 +36,7 @@ from qtuning.config import config_dir
 from qtuning.data import SFTDataModule
 from qtuning.data.corrupt import loop, rotate, single_turn_pairs, typos
 from qtuning.models import build_model, build_tokenizer
-from qtuning.pruning.passes import scoring_forward
+from qtuning.ops.passes import scoring_forward
 from qtuning.pruning.qtuning import FILL_UP_RULES, TriageSettings, triage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,6 +43,7 @@ from typing import Any
 from qtuning.data.corrupt import NOISE_KINDS, noisy_split, single_turn_pairs
 from qtuning.errors import QTuningError, exit_on_bad_input
 from qtuning.reached import reach_counts, reached_fractions
+from qtuning.summarize import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "logs" / "noisy_sft"
@@ -51,17 +52,17 @@ SEEDS = (1, 2, 3)
 KINDS = ("clean", *NOISE_KINDS)
 # row -> (its name in the report, the overrides of its training job); `full_clean` trains on train_clean.jsonl
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "full_clean": ("Full data, clean set (reference)", ["method=full"]),
-    "full_noisy": ("Full data, noisy set", ["method=full"]),
-    "random_random": ("Random / Random", ["method=random_random"]),
-    "qtuning": ("Q-Tuning (authors' triage)", ["method=qtuning"]),
-    "qtuning_robust": ("Q-Tuning (fill_up=rank, ppl_guard=0.25)", ["method=qtuning_robust"]),
-    "infobatch_random": ("InfoBatch / Random", ["method=infobatch_random"]),
+    "full_clean": ("Full data, clean set (reference)", ["pruner=none"]),
+    "full_noisy": ("Full data, noisy set", ["pruner=none"]),
+    "random_random": ("Random / Random", ["pruner=combo", "pruner/sample=random", "pruner/token=random"]),
+    "qtuning": ("Q-Tuning (authors' triage)", ["pruner=qtuning"]),
+    "qtuning_robust": ("Q-Tuning (fill_up=rank, ppl_guard=0.25)", ["pruner=qtuning_robust"]),
+    "infobatch_random": ("InfoBatch / Random", ["pruner=combo", "pruner/sample=infobatch", "pruner/token=random"]),
     # one decision per optimizer step over 4 micro-batches of 8 (32 rows, 8 kept): a quarter of the steps at 4× the
     # batch, so it differs from the row above in the decision's population and in the step count
     "qtuning_robust_window": (
         "Q-Tuning robust, window scope (8 × 4)",
-        ["method=qtuning_robust", "pruner.threshold_scope=window", "trainer.accumulate_grad_batches=4"],
+        ["pruner=qtuning_robust", "pruner.threshold_scope=window", "trainer.accumulate_grad_batches=4"],
     ),
 }
 BASE = "base"  # the untrained model, scored once: where training started
@@ -246,16 +247,12 @@ def run(out: Path, rows: Sequence[str], seeds: Sequence[int], extra: Sequence[st
 # ---- report --------------------------------------------------------------------------------------------------------
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int] | None:
     """Mean and sample std of ``a[s] − b[s]`` over the seeds both have, and their number; None if none."""
     seeds = sorted(a.keys() & b.keys())
     if not seeds:
         return None
-    return (*mean_std([a[s] - b[s] for s in seeds]), len(seeds))
+    return (*stats([a[s] - b[s] for s in seeds]), len(seeds))
 
 
 def fmt(value: float | None, digits: int = 3, sign: bool = False) -> str:
@@ -328,7 +325,7 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
         cells = [ROWS[row][0] if row in ROWS else "Base model (no training)", str(len(results[row]))]
         for metric, _ in METRICS:
             values = by_seed(results, row, metric)
-            cells.append(fmt_spread(*mean_std(list(values.values()))))
+            cells.append(fmt_spread(*stats(list(values.values()))))
             for base in ("random_random", "full_noisy"):
                 diff = paired(values, by_seed(results, base, metric)) if row not in (base, BASE) else None
                 cells.append("—" if diff is None else fmt_spread(*diff, sign=True))
@@ -413,7 +410,7 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     for ax, (metric, name) in zip(panels, METRICS, strict=True):
         for y, row in enumerate(rows):
             values = list(by_seed(results, row, metric).values())
-            mean, std = mean_std(values)
+            mean, std = stats(values)
             colour = "tab:red" if row.startswith("qtuning") else "tab:blue"
             ax.errorbar(mean, y, xerr=std, fmt="o", color=colour, capsize=3)
             ax.scatter(values, [y + 0.15] * len(values), s=8, color="grey")

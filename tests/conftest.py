@@ -50,7 +50,7 @@ def full_logits_cross_entropy(logits, labels, attention_mask):
     outside the response."""
     import torch.nn.functional as F
 
-    from qtuning.pruning import shift_targets
+    from qtuning.ops import shift_targets
 
     targets, response_mask, _ = shift_targets(labels, attention_mask)
     ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")

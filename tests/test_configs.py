@@ -24,7 +24,6 @@ GROUPS = [
     "logger",
     "callbacks",
     "eval",
-    "method",
     "experiment",
     "sweep",
 ]
@@ -136,3 +135,10 @@ def test_analyze_config_composes_with_its_own_sizes(tmp_path):
     assert cfg.pruner._target_ == "qtuning.pruning.QTuningPolicy" and cfg.data.val_size == 0
     assert cfg.num_samples == 256 and cfg.data.max_length == 256
     check_config(cfg)
+
+
+def test_every_number_out_of_range_is_reported_at_once(tmp_path):
+    cfg = compose_train(["optimizer.lr=-1", "data.batch_size=0"], tmp_path)
+    with pytest.raises(QTuningError) as err:
+        check_config(cfg)
+    assert str(err.value) == "data.batch_size=0 must be an integer >= 1; optimizer.lr=-1 must be > 0"

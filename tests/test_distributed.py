@@ -1,4 +1,5 @@
-"""threshold_scope=global: two CPU processes (gloo) with 4 samples each decide exactly as one process with all 8."""
+"""threshold_scope=global: two CPU processes (gloo) with 4 samples each decide exactly as one process with all 8 (the
+module gathers the statistics; the policy only decides on what it is given)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from qtuning.module import decide
 from qtuning.pruning import BatchStats, QTuningPolicy
 
 
@@ -38,7 +40,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         _, first, second = global_batch()
         policy = QTuningPolicy(0.25, 0.5, threshold_scope="global")
-        decision = policy.select(first if rank == 0 else second)
+        decision = decide(policy, first if rank == 0 else second, across_devices=True)
         torch.save({"keep": decision.sample_keep, "tokens": decision.token_keep}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

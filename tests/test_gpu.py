@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qtuning.models import build_char_tokenizer, build_random_llama
-from qtuning.pruning import token_loss
-from qtuning.pruning.passes import output_head, scoring_forward
+from qtuning.ops import token_loss
+from qtuning.ops.passes import output_head, scoring_forward
 from qtuning.train import train
 from tests.conftest import full_logits_cross_entropy
 from tests.test_precision import batch_of

@@ -73,10 +73,10 @@ def test_imports_inside_functions_and_under_type_checking_count(tmp_path):
     source.write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from qtuning.module import SFTModule\n"
-        "def f():\n    from qtuning.pruning import base\n    from . import passes\n"
+        "def f():\n    from qtuning.pruning import base\n    from . import combo\n"
     )
     assert imported("qtuning.pruning.probe", source) == {
         "qtuning.module",
         "qtuning.pruning.base",
-        "qtuning.pruning.passes",
+        "qtuning.pruning.combo",
     }

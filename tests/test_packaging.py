@@ -40,7 +40,8 @@ def packages() -> set[str]:
 
 def test_every_config_group_and_subpackage_is_a_listed_package():
     groups = {"qtuning.conf." + ".".join(d.relative_to(CONF_DIR).parts) for d in CONF_DIR.rglob("*") if d.is_dir()}
-    code = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "qtuning").rglob("*.py")}
+    sources = [*(ROOT / "qtuning").rglob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py")]  # the rows sweeper too
+    code = {".".join(p.parent.relative_to(ROOT).parts) for p in sources}
     assert packages() == {"qtuning.conf", *(g for g in groups if g != "qtuning.conf.local"), *code}
 
 

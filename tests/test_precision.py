@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Callback
 
 from qtuning.models import build_char_tokenizer, build_random_llama
-from qtuning.pruning.passes import scoring_forward
+from qtuning.ops.passes import scoring_forward
 from qtuning.pruning.token_level import last_layer_pass, sparsevlm_scores
 from qtuning.train import train
 from tests.conftest import add_callbacks
@@ -99,16 +99,21 @@ class RecordStats(Callback):
 FAMILIES = {
     "qtuning-separate": ["pruner=qtuning"],
     "qtuning-shared": ["pruner=qtuning", "pruner.scoring=shared"],
-    "qtuning-robust": ["method=qtuning_robust", "pruner.entropy_scope=response", "pruner.token_budget=per_sample"],
+    "qtuning-robust": ["pruner=qtuning_robust", "pruner.entropy_scope=response", "pruner.token_budget=per_sample"],
     "qtuning-global": ["pruner=qtuning", "pruner.threshold_scope=global"],
     "none": ["pruner=none"],
     "random_batch": ["pruner=random_batch"],
-    "random-random": ["method=random_random"],
+    "random-random": ["pruner=combo", "pruner/sample=random", "pruner/token=random"],
     # response candidates: with nonpad ones these two may keep only prompt positions (loss 0; see the README)
-    "longest-fastv": ["method=longest_fastv", "pruner.token.loss_norm=response"],
+    "longest-fastv": ["pruner=combo", "pruner/sample=longest", "pruner/token=fastv", "pruner.token.loss_norm=response"],
     "shortest-sparsevlm": ["pruner=combo", "pruner/sample=shortest", "pruner/token=sparsevlm"],
-    "entropy-ppl": ["method=entropy_ppl"],
-    "infobatch-ppl-shared": ["method=infobatch_ppl", "pruner.token.scoring=shared"],
+    "entropy-ppl": ["pruner=combo", "pruner/sample=entropy", "pruner/token=ppl"],
+    "infobatch-ppl-shared": [
+        "pruner=combo",
+        "pruner/sample=infobatch",
+        "pruner/token=ppl",
+        "pruner.token.scoring=shared",
+    ],
     "none-rho1": ["pruner=combo", "pruner/sample=none", "pruner/token=rho1", "pruner.token.loss_norm=response"],
 }
 SCORED = {"qtuning-separate", "qtuning-shared", "qtuning-robust", "qtuning-global", "entropy-ppl"}

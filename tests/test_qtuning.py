@@ -311,3 +311,12 @@ def test_policy_logs_the_guarded_count():
     assert decision.metrics["guarded"] == 1.0
     assert idx(decision.sample_keep) == [0, 6]
     assert decision.metrics["thr_ppl_high"] == pytest.approx(6.265, abs=1e-4)  # measured without sample 7
+
+
+def test_every_bad_setting_is_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        QTuningPolicy(0.25, 0.5, lam=2.0, fill_up="max", threshold_scope="window", scoring="shared")
+    assert str(err.value) == (
+        "fill_up='max' must be one of minmax, rank, none; lam=2.0 must be in [0, 1]; threshold_scope=window scores "
+        "the whole window before training any of it: it needs scoring=separate, not shared"
+    )

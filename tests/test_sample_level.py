@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from qtuning.data.plan import SampleInfo
+from qtuning.ops.stats import BatchStats
 from qtuning.pruning import AllSamples, ComboPolicy, InfoBatch, NoPruning, RandomSubset, StaticScorePruner
 from qtuning.pruning.base import keep_count
 from qtuning.pruning.sample_level import char_entropy, infobatch_plan, keep_extreme, truncated_infobatch_plan
-from qtuning.pruning.stats import BatchStats
 
 
 def info(n: int = 8, response: list[int] | None = None, instructions: list[str] | None = None) -> SampleInfo:

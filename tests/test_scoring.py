@@ -7,9 +7,10 @@ import torch
 from hydra.utils import instantiate
 
 from qtuning.models import build_model, build_tokenizer
-from qtuning.module import SFTModule, scoring_forward
+from qtuning.module import SFTModule
+from qtuning.ops import scoring_forward
+from qtuning.ops.passes import output_head
 from qtuning.pruning import BatchStats
-from qtuning.pruning.passes import output_head
 from tests.conftest import full_logits_cross_entropy
 
 
@@ -28,8 +29,10 @@ def first_batches(cfg, tokenizer, n: int) -> list[dict]:
 
 def grads_of(module: SFTModule, batch: dict) -> dict[str, torch.Tensor]:
     module.model.zero_grad()
-    loss_sum, _, weight, _, _, decision, _ = module.forward_kept(batch)
-    (loss_sum / weight.sum().clamp(min=1)).backward()
+    scored = module.score(batch)
+    decision = module.decide(scored.stats)
+    (trained,) = module.train_kept(batch, scored, decision, batch_idx=0)  # a window of one micro-batch: one pass
+    (trained.loss_sum / trained.weight.sum().clamp(min=1)).backward()
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}, decision
 
 

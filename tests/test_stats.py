@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qtuning import IGNORE_INDEX
-from qtuning.pruning import BatchStats, OutputHead, shift_targets, token_loss
+from qtuning.ops import BatchStats, OutputHead, shift_targets, token_loss
 
 
 def naive_stats(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):

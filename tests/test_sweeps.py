@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qtuning.config import optimizer_factory
-from tests.conftest import CONF_DIR, compose_train
+from tests.conftest import CONF_DIR, FIXTURES, compose_train
 
 
 def compose_hydra(*overrides: str) -> DictConfig:
@@ -65,16 +68,37 @@ def test_slurm_launcher_composes():
     assert dict(cfg.hydra.sweeper.params) == {"pruner.lam": "0.0,0.3,0.5,0.7,1.0"}
 
 
-def sweep_values(cfg: DictConfig, key: str) -> list[str]:
+def jobs(cfg: DictConfig) -> list[list[str]]:
+    """The overrides of every job a composed sweep config runs, as its sweeper expands them (rows, then params)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    override = OverridesParser.create().parse_overrides([f"{key}={cfg.hydra.sweeper.params[key]}"])[0]
-    return list(override.sweep_string_iterator())
+    from hydra_plugins.qtuning_rows_sweeper.rows_sweeper import row_jobs
+
+    parser = OverridesParser.create()
+    params = parser.parse_overrides([f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()])
+    return row_jobs(list(cfg.hydra.sweeper.get("rows") or []), params, parser)
+
+
+def choices(job: list[str]) -> dict[str, str]:
+    return dict(override.split("=", 1) for override in job)
+
+
+def rows_and_budgets(sweep: str) -> tuple[list[str], list[str]]:
+    """The sweep's rows, named ``<sample>_<token>`` or by their pruner, in order, and its budgets."""
+    rows, budgets = [], []
+    for job in jobs(compose_hydra(f"sweep={sweep}")):
+        c = choices(job)
+        row = f"{c['pruner/sample']}_{c['pruner/token']}" if c["pruner"] == "combo" else ROW_NAMES[c["pruner"]]
+        rows += [row] if row not in rows else []
+        budgets += [c["budget"]] if c["budget"] not in budgets else []
+    return rows, budgets
+
+
+ROW_NAMES = {"qtuning": "qtuning", "none": "full"}
 
 
 def test_table1_is_the_papers_grid_of_72_jobs():
-    cfg = compose_hydra("sweep=table1")
-    methods, budgets = sweep_values(cfg, "method"), sweep_values(cfg, "budget")
+    methods, budgets = rows_and_budgets("table1")
     pairs = [
         f"{s}_{t}"
         for s in ("random", "longest", "infobatch", "entropy")
@@ -82,28 +106,32 @@ def test_table1_is_the_papers_grid_of_72_jobs():
     ]
     assert methods == [*pairs, "qtuning", "full"]
     assert budgets == ["s12_t50", "s12_t70", "s25_t50", "s25_t70"]
-    assert len(methods) * len(budgets) == 72
+    assert len(methods) * len(budgets) == 72 == len(jobs(compose_hydra("sweep=table1")))
 
 
 def test_reasoning_grid():
-    cfg = compose_hydra("sweep=reasoning")
-    assert sweep_values(cfg, "method") == [
+    assert rows_and_budgets("reasoning")[0] == [
         "infobatch_random", "infobatch_ppl", "infobatch_fastv", "infobatch_sparsevlm", "qtuning", "full"
     ]  # fmt: skip
-    assert sweep_values(cfg, "budget") == ["s25_t50", "s25_t70", "s50_t70"]
+    assert rows_and_budgets("reasoning")[1] == ["s25_t50", "s25_t70", "s50_t70"]
 
 
 @pytest.mark.parametrize(
-    ("method", "target", "sample", "token"),
+    ("overrides", "target", "sample", "token"),
     [
-        ("infobatch_ppl", "ComboPolicy", "InfoBatch", "PPLTokenPolicy"),
-        ("longest_fastv", "ComboPolicy", "StaticScorePruner", "FastVTokenPolicy"),
-        ("qtuning", "QTuningPolicy", None, None),
-        ("full", "NoPruning", None, None),
+        ("pruner=combo pruner/sample=infobatch pruner/token=ppl", "ComboPolicy", "InfoBatch", "PPLTokenPolicy"),
+        (
+            "pruner=combo pruner/sample=longest pruner/token=fastv",
+            "ComboPolicy",
+            "StaticScorePruner",
+            "FastVTokenPolicy",
+        ),
+        ("pruner=qtuning", "QTuningPolicy", None, None),
+        ("pruner=none", "NoPruning", None, None),
     ],
 )
-def test_method_sets_the_pruner(tmp_path, method, target, sample, token):
-    pruner = compose_train([f"method={method}"], tmp_path).pruner
+def test_pruner_choices_set_the_pruner(tmp_path, overrides, target, sample, token):
+    pruner = compose_train(overrides.split(), tmp_path).pruner
     assert pruner._target_ == f"qtuning.pruning.{target}"
     assert (pruner.get("sample") or {}).get("_target_") == (sample and f"qtuning.pruning.{sample}")
     assert (pruner.get("token") or {}).get("_target_") == (token and f"qtuning.pruning.{token}")
@@ -133,6 +161,9 @@ AS_THE_AUTHORS_RAN = {
     },
     "token": {**AS_DESCRIBED["token"], "sparsevlm": ("SparseVLMTokenPolicy", {"inverted": True})},
 }
+# the authors' presets, by the name of the row they stand for
+AUTHORS_PRESETS = {"shortest": "longest", "infobatch_truncated": "infobatch", "fastv_authors": "fastv"}
+AUTHORS_PRESETS["sparsevlm_authors"] = "sparsevlm"
 UNPAIRED = {"qtuning": "QTuningPolicy", "full": "NoPruning"}  # the same in both grids (Q-Tuning's defaults: authors')
 GRIDS = {  # sweep: (what its rows' names mean, the token pruners it trains at half the learning rate)
     "table1": (AS_DESCRIBED, set()),
@@ -148,19 +179,24 @@ def check_pruner(node: DictConfig, expected: tuple[str, dict]) -> None:
     assert {k: node[k] for k in settings} == settings
 
 
+def described(name: str) -> str:
+    return "_".join(AUTHORS_PRESETS.get(part, part) for part in name.split("_", 1)) if "_" in name else name
+
+
 @pytest.mark.parametrize("sweep", sorted(GRIDS))
 def test_every_row_of_each_grid_composes_to_its_pruners_and_learning_rate(tmp_path, sweep):
     meaning, half_lr = GRIDS[sweep]
-    rows = sweep_values(compose_hydra(f"sweep={sweep}"), "method")
+    rows = [job for job in jobs(compose_hydra(f"sweep={sweep}")) if choices(job)["budget"] == "s25_t50"]
     assert len(rows) == (18 if sweep.startswith("table1") else 6)
     for row in rows:
-        cfg = compose_train([f"sweep={sweep}", f"method={row}", "experiment=paper_lora"], tmp_path)  # one job
-        name = row.removesuffix("_authors")
+        cfg = compose_train([f"sweep={sweep}", *row, "experiment=paper_lora"], tmp_path)  # one job
+        c = choices(row)
         token = None
-        if name in UNPAIRED:
-            assert cfg.pruner._target_ == f"qtuning.pruning.{UNPAIRED[name]}"
+        if c["pruner"] in ROW_NAMES:
+            assert cfg.pruner._target_ == f"qtuning.pruning.{UNPAIRED[ROW_NAMES[c['pruner']]]}"
         else:
-            sample, token = name.split("_")
+            sample, token = AUTHORS_PRESETS.get(c["pruner/sample"], c["pruner/sample"]), None
+            token = AUTHORS_PRESETS.get(c["pruner/token"], c["pruner/token"])
             assert cfg.pruner._target_ == "qtuning.pruning.ComboPolicy"
             check_pruner(cfg.pruner.sample, meaning["sample"][sample])
             check_pruner(cfg.pruner.token, meaning["token"][token])
@@ -171,11 +207,56 @@ def test_every_row_of_each_grid_composes_to_its_pruners_and_learning_rate(tmp_pa
 
 def test_the_authors_grids_differ_from_the_described_ones_only_in_their_authors_rows():
     for sweep in ("table1", "reasoning"):
-        described = sweep_values(compose_hydra(f"sweep={sweep}"), "method")
-        authors = sweep_values(compose_hydra(f"sweep={sweep}_authors"), "method")
-        assert [m.removesuffix("_authors") for m in authors] == described
-        assert compose_hydra(f"sweep={sweep}_authors").hydra.sweeper.params.budget == (
-            compose_hydra(f"sweep={sweep}").hydra.sweeper.params.budget
-        )
+        described_rows, budgets = rows_and_budgets(sweep)
+        authors, authors_budgets = rows_and_budgets(f"{sweep}_authors")
+        assert [described(m) for m in authors] == described_rows
+        assert authors_budgets == budgets
     # the rows whose pruners and learning rate are the same as described are listed as they are
-    assert [m for m in authors if not m.endswith("_authors")] == ["qtuning", "full"]
+    assert [m for m in authors if described(m) == m] == ["qtuning", "full"]
+
+
+SWEEPS_BEFORE = FIXTURES / "sweeps_before.json"
+
+
+def expansion(conf_dir: Path, sweep: str) -> list[str]:
+    """Every job of ``sweep`` (composed from ``conf_dir``) as its resolved pruner, budget and learning-rate factor,
+    sorted: what the job trains with, whatever its overrides are called."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        sweep_cfg = compose("train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+        if "rows" in sweep_cfg.hydra.sweeper:
+            overrides = jobs(sweep_cfg)
+        else:  # the basic sweeper the configs used before
+            from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            params = [f"{k}={v}" for k, v in sweep_cfg.hydra.sweeper.params.items()]
+            overrides = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
+        entries = []
+        for job in overrides:
+            cfg = compose("train", overrides=[f"sweep={sweep}", *job])
+            pruner = OmegaConf.to_container(cfg.pruner, resolve=True)
+            factor = (
+                cfg.get("lr_scale", 1.0)
+                * pruner.pop("lr_scale", 1.0)
+                * (pruner.get("token") or {}).pop("lr_scale", 1.0)
+            )
+            budget = OmegaConf.to_container(cfg.budget, resolve=True)
+            extra = {"batch_size": cfg.data.batch_size, "lr": cfg.optimizer.lr, "seed": cfg.seed}
+            entries.append(
+                json.dumps({"pruner": pruner, "budget": budget, "lr_factor": factor, **extra}, sort_keys=True)
+            )
+    GlobalHydra.instance().clear()
+    return sorted(entries)
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml")))
+def test_every_sweep_runs_the_jobs_it_ran_before_the_method_presets_were_folded(sweep):
+    """``sweeps_before.json``: `expansion` of every sweep on the configs of commit 8028b67, when the paper's rows were
+    31 ``method=`` presets (``python -c "from tests.test_sweeps import write_before; write_before(CONF_DIR)"``)."""
+    assert expansion(CONF_DIR, sweep) == json.loads(SWEEPS_BEFORE.read_text())[sweep]
+
+
+def write_before(conf_dir: Path) -> None:
+    sweeps = sorted(p.stem for p in (Path(conf_dir) / "sweep").glob("*.yaml"))
+    SWEEPS_BEFORE.write_text(json.dumps({s: expansion(Path(conf_dir), s) for s in sweeps}, indent=0) + "\n")

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from qtuning.models import build_char_tokenizer, build_random_llama
-from qtuning.module import scoring_forward
+from qtuning.ops import scoring_forward
 from qtuning.pruning import (
     BatchStats,
     ComboPolicy,

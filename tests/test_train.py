@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from qtuning.models import build_model, build_tokenizer
-from qtuning.module import select_rows
+from qtuning.ops import select_rows
 from qtuning.pruning import BatchStats
 from qtuning.train import train
 from tests.conftest import ROOT, TINY_OVERRIDES, add_callbacks, full_logits_cross_entropy

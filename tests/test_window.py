@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch import Callback
 
 from qtuning.errors import QTuningError
+from qtuning.ops.passes import length_groups
+from qtuning.ops.stats import concat_stats
 from qtuning.pruning import BatchStats
-from qtuning.pruning.passes import length_groups
-from qtuning.pruning.stats import concat_stats
 from qtuning.train import train
 from tests.conftest import TINY_OVERRIDES, add_callbacks, compose_train, run_cli, tiny_cli_args
 from tests.test_resume import assert_same_run, run, step_losses

@@ -28,6 +28,7 @@ from qtuning.errors import QTuningError
 
 log = logging.getLogger(__name__)
 
+
 def collate(examples: list[Example], sample_idx: list[int], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a list of examples into the batch contract."""
     length = max(len(e.input_ids) for e in examples)
@@ -124,8 +125,7 @@ class SFTDataModule(LightningDataModule):
     def connect(self, planner: EpochPlanner | None, window: int = 1) -> None:
         """What the run hands over once, before training: the planner of each epoch's samples (a dataset-level
         sample pruner), or None to train on every sample every epoch; and ``window``, the micro-batches of
-        ``batch_size`` rows one training batch holds (a whole accumulation window, when the module trains each
-        window itself; 1 otherwise)."""
+        ``batch_size`` rows one training batch holds (`qtuning.module.StepScope.window`: one decision's rows)."""
         self.planner, self.window = planner, window
 
     def prepare_data(self) -> None:

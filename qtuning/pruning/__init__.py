@@ -1,12 +1,12 @@
-"""Pruning policies and the types they exchange with the training loop."""
+"""Pruning policies and the types they exchange with the training loop: each decides from `BatchStats` (made by
+`qtuning.ops`) and returns a `PruneDecision`."""
 
+from qtuning.ops.stats import BatchStats
 from qtuning.pruning.base import NoPruning, PruneDecision, PruningPolicy, keep_count, loss_positions
 from qtuning.pruning.combo import ComboPolicy
-from qtuning.pruning.loss import OutputHead, token_loss
 from qtuning.pruning.qtuning import QTuningPolicy
 from qtuning.pruning.random_sample import RandomSamplePolicy
 from qtuning.pruning.sample_level import AllSamples, InfoBatch, RandomSubset, SamplePruner, StaticScorePruner
-from qtuning.pruning.stats import BatchStats, shift_targets
 from qtuning.pruning.token_level import (
     FastVTokenPolicy,
     PPLTokenPolicy,
@@ -22,7 +22,6 @@ __all__ = [
     "FastVTokenPolicy",
     "InfoBatch",
     "NoPruning",
-    "OutputHead",
     "PPLTokenPolicy",
     "PruneDecision",
     "PruningPolicy",
@@ -36,6 +35,4 @@ __all__ = [
     "StaticScorePruner",
     "keep_count",
     "loss_positions",
-    "shift_targets",
-    "token_loss",
 ]

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from qtuning.pruning.stats import BatchStats
+from qtuning.ops.stats import BatchStats
 
 LOSS_NORMS = ("response", "nonpad")
 SCORINGS = ("separate", "shared")
@@ -39,6 +39,24 @@ class PruneDecision:
     # [B] float or None: a per-sample loss weight (InfoBatch's 1/r); it scales the cross-entropy, not the token count
     loss_scale: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # logged as prune/<key>
+
+    def rows(self, first: int, batch: int, length: int) -> PruneDecision:
+        """The decision for ``batch`` rows from ``first`` on, at their ``length - 1`` target positions: one device's
+        part of a decision made over every device's rows (the metrics stay those of the whole)."""
+        rows = slice(first, first + batch)
+
+        def part(per_sample: Tensor | None) -> Tensor | None:
+            return per_sample[rows] if per_sample is not None else None
+
+        return PruneDecision(
+            sample_keep=self.sample_keep[rows],
+            token_keep=self.token_keep[rows, :length],
+            quadrant=part(self.quadrant),
+            ppl=part(self.ppl),
+            entropy=part(self.entropy),
+            loss_scale=part(self.loss_scale),
+            metrics=self.metrics,
+        )
 
 
 def keep_count(n: int, ratio: float) -> int:
@@ -81,16 +99,13 @@ class PruningPolicy(Callback, ABC):
 
     #: Whether `select` needs `token_nll`/`token_entropy`, i.e. a scoring forward before the training forward.
     needs_scores: bool = False
+    #: Over which rows the module makes one decision (`qtuning.module.StepScope`); the policy itself only ever sees
+    #: the statistics it is given.
+    threshold_scope: str = "local"
 
     def __init__(self, loss_norm: str = SFT_LOSS_NORM, scoring: str = DEFAULT_SCORING) -> None:
         self.loss_norm = check_choice("loss_norm", loss_norm, LOSS_NORMS)
         self.scoring = check_choice("scoring", scoring, SCORINGS)
-
-    @property
-    def decides_per_window(self) -> bool:
-        """Whether one decision covers a whole optimizer step (every micro-batch of the accumulation window, on every
-        device): the module then scores the window before training any of it (`SFTModule.window_step`)."""
-        return False
 
     def enrich(self, model: torch.nn.Module, batch: dict[str, Tensor], stats: BatchStats) -> BatchStats:
         """``stats`` with what `select` needs from the model beyond them (an attention map, a reference model's

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from qtuning.data.plan import EpochPlan, SampleInfo
+from qtuning.ops.stats import BatchStats
 from qtuning.pruning.base import PruneDecision, PruningPolicy
 from qtuning.pruning.sample_level import SamplePruner
-from qtuning.pruning.stats import BatchStats
 
 
 class ComboPolicy(PruningPolicy):

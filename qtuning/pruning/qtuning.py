@@ -14,25 +14,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtuning.ops.stats import BatchStats
 from qtuning.pruning.base import (
     AUTHORS_LOSS_NORM,
     DEFAULT_SCORING,
+    LOSS_NORMS,
+    SCORINGS,
     PruneDecision,
     PruningPolicy,
-    check_choice,
-    check_ratio,
     keep_count,
     loss_positions,
 )
-from qtuning.pruning.distributed import distributed_world, gather_stats, local_rows
-from qtuning.pruning.stats import BatchStats
 
 FILL_UP_RULES = ("minmax", "rank", "none")
+TOKEN_BUDGETS = ("batch", "per_sample")
+ENTROPY_SCOPES = ("nonpad", "response")
 THRESHOLD_SCOPES = ("local", "global", "window")
 
 
@@ -56,17 +58,70 @@ class TriageSettings:
     fill_up: str = "minmax"
     ppl_guard: float = 0.0
 
+    def problems(self) -> list[str]:
+        """Every setting outside its range, each named: all of them are reported at once."""
+        checks = [
+            (0.0 < self.r_sample <= 1.0, f"r_sample={self.r_sample} must be in (0, 1]"),
+            (self.bisect_iters >= 1, f"bisect_iters={self.bisect_iters} must be at least 1"),
+            (self.bisect_tol > 0, f"bisect_tol={self.bisect_tol} must be > 0"),
+            (0.0 < self.q_max < 0.5, f"q_max={self.q_max} must be in (0, 0.5)"),
+            (self.fill_up in FILL_UP_RULES, f"fill_up={self.fill_up!r} must be one of {', '.join(FILL_UP_RULES)}"),
+            (0.0 <= self.ppl_guard < 1.0, f"ppl_guard={self.ppl_guard} must be in [0, 1)"),
+        ]
+        return [message for ok, message in checks if not ok]
+
     def __post_init__(self) -> None:
-        check_ratio("r_sample", self.r_sample)
-        if self.bisect_iters < 1:
-            raise ValueError(f"bisect_iters={self.bisect_iters} must be at least 1")
-        if not self.bisect_tol > 0:
-            raise ValueError(f"bisect_tol={self.bisect_tol} must be > 0")
-        if not 0.0 < self.q_max < 0.5:
-            raise ValueError(f"q_max={self.q_max} must be in (0, 0.5)")
-        check_choice("fill_up", self.fill_up, FILL_UP_RULES)
-        if not 0.0 <= self.ppl_guard < 1.0:
-            raise ValueError(f"ppl_guard={self.ppl_guard} must be in [0, 1)")
+        if problems := self.problems():
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QTuningSettings(TriageSettings):
+    """Every Q-Tuning setting (docs/method.md §2–5, each switch in §9), built once from the ``pruner`` config node;
+    stage 1's are `TriageSettings`'. Every default is the authors'.
+
+    Args:
+        r_token: the token budget's ratio; 1 prunes no token.
+        lam: λ, the weight of the neighbours in the token score.
+        neighbor_mean: divide the neighbour sum by 2 (the slime port's form) instead of the authors' plain sum.
+        token_budget: ``batch`` (authors): drop ``T_all − round(T_all·r_s·r_t) − removed`` tokens ranked across all
+            Q2/Q2-like responses; ``per_sample``: keep ceil(r_token · n_resp) tokens of each Q2/Q2-like sample.
+        entropy_scope: average the entropy over ``nonpad`` positions (authors) or ``response`` positions.
+        loss_norm, scoring: see `PruningPolicy`.
+        threshold_scope: over which rows the module makes one decision (`qtuning.module.StepScope`): ``local``
+            (authors): each device's micro-batch; ``global``: every device's micro-batch, gathered; ``window``: as
+            ``global``, over every micro-batch of the optimizer step (scored first, the kept rows then re-packed).
+    """
+
+    r_token: float
+    lam: float = 0.5
+    neighbor_mean: bool = False
+    token_budget: str = "batch"
+    entropy_scope: str = "nonpad"
+    loss_norm: str = AUTHORS_LOSS_NORM
+    scoring: str = DEFAULT_SCORING
+    threshold_scope: str = "local"
+
+    def problems(self) -> list[str]:
+        def choice(name: str, options: tuple[str, ...]) -> tuple[bool, str]:
+            value = getattr(self, name)
+            return value in options, f"{name}={value!r} must be one of {', '.join(options)}"
+
+        checks = [
+            (0.0 < self.r_token <= 1.0, f"r_token={self.r_token} must be in (0, 1]"),
+            (0.0 <= self.lam <= 1.0, f"lam={self.lam} must be in [0, 1]"),
+            choice("token_budget", TOKEN_BUDGETS),
+            choice("entropy_scope", ENTROPY_SCOPES),
+            choice("loss_norm", LOSS_NORMS),
+            choice("scoring", SCORINGS),
+            choice("threshold_scope", THRESHOLD_SCOPES),
+            (
+                self.threshold_scope != "window" or self.scoring == "separate",
+                "threshold_scope=window scores the whole window before training any of it: it needs "
+                f"scoring=separate, not {self.scoring}",
+            ),
+        ]
+        return super().problems() + [message for ok, message in checks if not ok]
 
 
 def band_masks(ppl: Tensor, ent: Tensor, q: float) -> tuple[Tensor, Tensor]:
@@ -213,94 +268,35 @@ def triage(ppl: Tensor, ent: Tensor, settings: TriageSettings) -> Triage:
 
 
 class QTuningPolicy(PruningPolicy):
-    """Q-Tuning with the authors' choices as defaults (docs/method.md §2–5, every switch in §9).
-
-    Args:
-        r_sample, bisect_iters, bisect_tol, q_max, fill_up, ppl_guard: stage 1, see `TriageSettings`.
-        r_token: the token budget's ratio; 1 prunes no token.
-        lam: λ, the weight of the neighbours in the token score.
-        neighbor_mean: divide the neighbour sum by 2 (the slime port's form) instead of the authors' plain sum.
-        token_budget: ``batch`` (authors): drop ``T_all − round(T_all·r_s·r_t) − removed`` tokens ranked across all
-            Q2/Q2-like responses; ``per_sample``: keep ceil(r_token · n_resp) tokens of each Q2/Q2-like sample.
-        entropy_scope: average the entropy over ``nonpad`` positions (authors) or ``response`` positions.
-        loss_norm, scoring: see `PruningPolicy`.
-        threshold_scope: ``local`` (authors): each device decides on its own micro-batch; ``global``: the
-            statistics of all devices are gathered and one decision is made for the global batch; ``window``: as
-            ``global``, over every micro-batch of the optimizer step (`decides_per_window`: the module scores the
-            whole accumulation window first, then trains the kept rows re-packed).
-    """
+    """Q-Tuning with the authors' choices as defaults: ``QTuningPolicy(r_sample, r_token, **settings)``, any other
+    `QTuningSettings` by name (every problem with them reported at once)."""
 
     needs_scores = True
 
-    def __init__(
-        self,
-        r_sample: float,
-        r_token: float,
-        lam: float = 0.5,
-        neighbor_mean: bool = False,
-        token_budget: str = "batch",
-        entropy_scope: str = "nonpad",
-        loss_norm: str = AUTHORS_LOSS_NORM,
-        bisect_iters: int = TriageSettings.bisect_iters,
-        bisect_tol: float = TriageSettings.bisect_tol,
-        q_max: float = TriageSettings.q_max,
-        fill_up: str = TriageSettings.fill_up,
-        ppl_guard: float = TriageSettings.ppl_guard,
-        scoring: str = DEFAULT_SCORING,
-        threshold_scope: str = "local",
-    ) -> None:
-        super().__init__(loss_norm, scoring)
-        self.triage_settings = TriageSettings(
-            r_sample=r_sample,
-            bisect_iters=bisect_iters,
-            bisect_tol=bisect_tol,
-            q_max=q_max,
-            fill_up=fill_up,
-            ppl_guard=ppl_guard,
-        )
-        self.r_sample = self.triage_settings.r_sample
-        self.r_token = check_ratio("r_token", r_token)
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam={lam} must be in [0, 1]")
-        self.lam, self.neighbor_mean = float(lam), bool(neighbor_mean)
-        self.token_budget = check_choice("token_budget", token_budget, ("batch", "per_sample"))
-        self.entropy_scope = check_choice("entropy_scope", entropy_scope, ("nonpad", "response"))
-        self.threshold_scope = check_choice("threshold_scope", threshold_scope, THRESHOLD_SCOPES)
-        if self.threshold_scope == "window" and self.scoring != "separate":
-            raise ValueError(
-                f"threshold_scope=window scores the whole window before training any of it: it needs "
-                f"scoring=separate, not {self.scoring}"
-            )
-
-    @property
-    def decides_per_window(self) -> bool:
-        return self.threshold_scope == "window"
+    def __init__(self, r_sample: float, r_token: float, **settings: Any) -> None:
+        self.settings = QTuningSettings(r_sample=r_sample, r_token=r_token, **settings)
+        super().__init__(self.settings.loss_norm, self.settings.scoring)
+        self.threshold_scope = self.settings.threshold_scope
 
     def dropped_tokens(self, stats: BatchStats, result: Triage) -> Tensor:
         """Stage 2 (docs/method.md §4): ``[B, T-1]`` bool, the response tokens of Q2/Q2-like samples removed from the
         loss."""
         candidates = stats.response_mask & (result.kept & result.q2like)[:, None]  # [B, T-1]
-        if self.r_token >= 1.0:
+        if self.settings.r_token >= 1.0:
             return torch.zeros_like(candidates)
-        scores = token_scores(stats.token_nll, stats.response_mask, self.lam, self.neighbor_mean)
-        if self.token_budget == "per_sample":
-            return drop_per_sample(scores, candidates, self.r_token)
+        scores = token_scores(stats.token_nll, stats.response_mask, self.settings.lam, self.settings.neighbor_mean)
+        if self.settings.token_budget == "per_sample":
+            return drop_per_sample(scores, candidates, self.settings.r_token)
         total = int(stats.nonpad_mask.sum())
-        target = round(total * self.r_sample * self.r_token)
+        target = round(total * self.settings.r_sample * self.settings.r_token)
         removed = int(stats.nonpad_mask[~result.kept].sum())
         n_drop = min(max(0, total - target - removed), int(candidates.sum()))
         return drop_highest(scores, candidates, n_drop)
 
     def select(self, stats: BatchStats) -> PruneDecision:
-        if self.threshold_scope != "local" and distributed_world() > 1:
-            global_stats, offset = gather_stats(stats)
-            return local_rows(self.decide(global_stats), offset, *stats.response_mask.shape)
-        return self.decide(stats)
-
-    def decide(self, stats: BatchStats) -> PruneDecision:
-        """Stages 1 and 2 on one batch (this device's, or the gathered global one)."""
-        ppl, ent = stats.sample_ppl(), stats.sample_entropy(self.entropy_scope)  # [B], [B]
-        result = triage(ppl, ent, self.triage_settings)
+        """Stages 1 and 2 on the rows it is given (one device's, or every device's, gathered by the module)."""
+        ppl, ent = stats.sample_ppl(), stats.sample_entropy(self.settings.entropy_scope)  # [B], [B]
+        result = triage(ppl, ent, self.settings)
         dropped = self.dropped_tokens(stats, result)  # [B, T-1]
         token_keep = loss_positions(stats, self.loss_norm) & result.kept[:, None] & ~dropped
         quadrant = median_quadrants(ppl, ent)

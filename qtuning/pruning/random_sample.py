@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from qtuning.ops.stats import BatchStats
 from qtuning.pruning.base import SFT_LOSS_NORM, PruneDecision, PruningPolicy, check_ratio, keep_count
-from qtuning.pruning.stats import BatchStats
 
 
 class RandomSamplePolicy(PruningPolicy):

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.errors import QTuningError
+from qtuning.ops.passes import base_model, final_hidden_states, scoring_forward
+from qtuning.ops.stats import BatchStats, full_precision
 from qtuning.pruning.base import (
     AUTHORS_LOSS_NORM,
     DEFAULT_SCORING,
@@ -29,8 +31,6 @@ from qtuning.pruning.base import (
     check_ratio,
     loss_positions,
 )
-from qtuning.pruning.passes import base_model, final_hidden_states, scoring_forward
-from qtuning.pruning.stats import BatchStats, full_precision
 
 
 def keep_top_global(scores: Tensor, candidates: Tensor, ratio: float) -> Tensor:

@@ -17,7 +17,7 @@
 # ZERO_SHOT=0 skips the base-model evaluation (it is also skipped when $OUT/zero_shot/metrics.json exists).
 # Arguments go to the training multirun. An option the authors' runs suggest (docs/method.md §8), not a default here:
 # their LLaMA3-8B MathInstruct Q-Tuning run used lr 1e-5 (optimizer.lr=1e-5; for Q-Tuning alone, a second multirun
-# into another OUT with "hydra.sweeper.params.method=qtuning" optimizer.lr=1e-5). GRID=described (default:
+# into another OUT with "hydra.sweeper.rows=[pruner=qtuning]" optimizer.lr=1e-5). GRID=described (default:
 # sweep=reasoning) is the fair comparison; GRID=authors (sweep=reasoning_authors, OUT default
 # logs/reproduce/reasoning_authors_$MODEL) runs every row as the authors' code did (InfoBatch cut to r*N, SparseVLM
 # inverted, FastV/SparseVLM at lr 5e-5; docs/method.md §7), to compare with the paper's numbers.

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtuning.pruning.loss import OutputHead
-from qtuning.pruning.stats import BatchStats
+from qtuning.ops.loss import OutputHead
+from qtuning.ops.stats import BatchStats
 
 Batch = dict[str, Tensor]
 

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtuning.pruning.stats import chunk_positions, full_precision, shift_targets
+from qtuning.ops.stats import chunk_positions, full_precision, shift_targets
 
 
 @dataclass
 class OutputHead:
-    """A model's output layer as a function of ``[c, H]`` hidden states (`qtuning.pruning.passes.output_head`)."""
+    """A model's output layer as a function of ``[c, H]`` hidden states (`qtuning.ops.passes.output_head`)."""
 
     module: torch.nn.Module
     vocab_size: int

@@ -1,7 +1,8 @@
-"""Deciding on the global batch: gather every rank's `BatchStats`, decide once, keep this rank's rows.
+"""Collectives over statistics: a decision whose scope spans devices is made on every device's `BatchStats`.
 
 With ``threshold_scope: global`` a Q-Tuning decision then does not depend on how the batch is split over devices:
-2 devices × 4 samples decide exactly as 1 device × 8 samples.
+2 devices × 4 samples decide exactly as 1 device × 8 samples. The module gathers; a policy only ever sees what it is
+given.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from qtuning.pruning.base import PruneDecision
-from qtuning.pruning.stats import BatchStats
+from qtuning.ops.stats import BatchStats
 
 
-def distributed_world() -> int:
+def world_size() -> int:
+    """Processes in the default process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -28,7 +29,8 @@ def _gather_rows(tensor: Tensor, rows: list[int], length: int) -> Tensor:
 
 
 def gather_stats(stats: BatchStats) -> tuple[BatchStats, int]:
-    """The global batch (positions padded to the longest; padding is masked out) and this rank's first row in it."""
+    """The statistics of every rank's rows (positions padded to the longest; padding is masked out), and this rank's
+    first row in them."""
     batch, length = stats.response_mask.shape
     shape = torch.tensor([batch, length], device=stats.response_mask.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
@@ -38,20 +40,3 @@ def gather_stats(stats: BatchStats) -> tuple[BatchStats, int]:
     fields = ("response_mask", "nonpad_mask", "token_nll", "token_entropy")
     gathered = {name: _gather_rows(getattr(stats, name), rows, longest) for name in fields}
     return BatchStats(**gathered), sum(rows[: dist.get_rank()])
-
-
-def local_rows(decision: PruneDecision, offset: int, batch: int, length: int) -> PruneDecision:
-    """This rank's slice of a decision made on the global batch."""
-    rows = slice(offset, offset + batch)
-
-    def local(per_sample: Tensor | None) -> Tensor | None:
-        return per_sample[rows] if per_sample is not None else None
-
-    return PruneDecision(
-        sample_keep=decision.sample_keep[rows],
-        token_keep=decision.token_keep[rows, :length],
-        quadrant=local(decision.quadrant),
-        ppl=local(decision.ppl),
-        entropy=local(decision.entropy),
-        metrics=decision.metrics,
-    )

@@ -1,0 +1,36 @@
+"""Model operations: the passes over a batch (the final hidden states through the model's own forward, the scoring
+pass), the LM head in chunks (statistics and the loss, no ``[B, T, V]`` logits), and collectives over statistics.
+
+Imports run one way: the module, the policies (`qtuning.pruning`) and the evaluation use these; these use nothing of
+theirs.
+"""
+
+from qtuning.ops.distributed import gather_stats, world_size
+from qtuning.ops.loss import OutputHead, token_loss
+from qtuning.ops.passes import (
+    Batch,
+    base_model,
+    final_hidden_states,
+    length_groups,
+    output_head,
+    scoring_forward,
+    select_rows,
+)
+from qtuning.ops.stats import BatchStats, concat_stats, shift_targets
+
+__all__ = [
+    "Batch",
+    "BatchStats",
+    "OutputHead",
+    "base_model",
+    "concat_stats",
+    "final_hidden_states",
+    "gather_stats",
+    "length_groups",
+    "output_head",
+    "scoring_forward",
+    "select_rows",
+    "shift_targets",
+    "token_loss",
+    "world_size",
+]
