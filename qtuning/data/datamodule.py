@@ -28,6 +28,7 @@ from qtuning.errors import QTuningError
 
 log = logging.getLogger(__name__)
 
+
 def collate(examples: list[Example], sample_idx: list[int], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a list of examples into the batch contract."""
     length = max(len(e.input_ids) for e in examples)
