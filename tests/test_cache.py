@@ -137,7 +137,7 @@ def test_a_second_module_maps_the_entry_without_building(char_tokenizer, tmp_pat
     again = module(build_char_tokenizer(), path, "prompt_completion", tmp_path / "cache")
     again.setup("fit")
     assert again.entry == first.entry
-    assert [r.message for r in caplog.records] == [f"data: token cache {first.entry}"]  # no reading, no tokenising
+    assert [r.message for r in caplog.records] == [f"token cache: {first.entry}"]  # no reading, no tokenising
     assert list(again.train_examples) == list(first.train_examples)
 
 
@@ -222,7 +222,7 @@ def _prepare_at_once(path: str, cache: str, barrier, results) -> None:
     logging.getLogger("qtuning.data.cache").setLevel(logging.INFO)
     barrier.wait()
     entry = prepare(DataSource(path, "prompt_completion", 64), build_char_tokenizer(), cache, num_proc=1)
-    results.put((str(entry), "built" if any(m.startswith("data: built") for m in messages) else messages[-1]))
+    results.put((str(entry), "built" if any(m.startswith("token cache: built") for m in messages) else messages[-1]))
 
 
 @pytest.mark.slow  # two spawned processes
@@ -242,7 +242,7 @@ def test_two_processes_asking_at_once_share_one_build(tmp_path):
         assert worker.exitcode == 0
     (entry, first), (other, second) = outcomes
     assert entry == other
-    assert sorted([first, second]) == ["built", f"data: token cache {entry} (built by another process)"]
+    assert sorted([first, second]) == ["built", f"token cache: {entry} (built by another process)"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [Path(entry).name, f"{Path(entry).name}.lock"]
 
 

@@ -114,12 +114,12 @@ def prepare(
     root = Path(cache_dir or default_cache_dir()).expanduser()
     entry = root / entry_name(source, key)
     if (entry / META).is_file():
-        log.info("data: token cache %s", entry)
+        log.info("token cache: %s", entry)
         return entry
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{entry}.lock"):
         if (entry / META).is_file():  # built by another process while this one waited
-            log.info("data: token cache %s (built by another process)", entry)
+            log.info("token cache: %s (built by another process)", entry)
             return entry
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
         staging.chmod(0o755)  # mkdtemp's 0700 would keep other users' jobs out of a shared cache
@@ -128,7 +128,7 @@ def prepare(
             staging.rename(entry)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    log.info("data: built the token cache %s", entry)
+    log.info("token cache: built %s", entry)
     return entry
 
 
@@ -190,7 +190,7 @@ def _build(
 
     report = DataReport()
     rows_file = staging / "rows.arrow"
-    log.info("data: reading %s", source.path)
+    log.info("token cache: reading %s", source.path)
     _write_rows(source, report, rows_file)
     report.check_usable(report.rows - report.skipped_bad_rows, source)
     rows = datasets.Dataset.from_file(str(rows_file))
