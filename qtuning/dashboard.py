@@ -38,7 +38,7 @@ def eu_plane_figure(
     relative to its own decision's medians (log PPL and entropy less theirs), so that the lines at 0 are what decided
     every point's quadrant.
     """
-    fig = Figure(figsize=(6.5, 5.0), dpi=100)  # no pyplot: no global figure state, no display needed
+    fig = Figure(figsize=(5.5, 4.5), dpi=100)  # no pyplot: no global figure state, no display needed
     ax = fig.subplots()
     x, y = ppl.log(), ent.clone()
     if batch is None:

@@ -11,9 +11,10 @@ Each training batch holds the rows of one decision (`StepScope`): a micro-batch 
 3. `train_kept`: forward and backward over the kept rows only, in micro-batches of rows of similar length, each laid
    out by `select_rows` (the one place a pass's layout is decided), the loss ``Σ ce·w`` from the LM head in chunks;
 4. the optimizer step: the gradients of ``Σ ce·w`` divided by the step's loss tokens ``Σ w`` over all devices
-   (`StepSums`, `gradient_scale`), clipped, stepped. A window of one micro-batch leaves backward, accumulation,
-   clipping and stepping to Lightning (automatic optimization); a window of several micro-batches is trained here
-   (manual optimization), its gradients synchronised across devices at its last backward pass only.
+   (`StepSums`, `gradient_scale`), clipped, stepped. Under ``local`` and ``global`` scope backward, accumulation,
+   clipping and stepping are Lightning's (automatic optimization); a ``window`` is trained here (manual optimization),
+   its gradients synchronised across devices at its last backward pass only, which a device whose passes were all
+   non-finite still joins with a zero gradient.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class StepScope:
 
     @property
     def manual(self) -> bool:
-        """Whether the module trains each training batch itself (a window of several micro-batches)."""
-        return self.window > 1
+        """Whether the module trains each training batch itself (every ``window``, one micro-batch long included)."""
+        return self.threshold_scope == "window"
 
 
 @dataclass

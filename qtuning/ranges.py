@@ -160,6 +160,14 @@ def _rule(group: str, path: str) -> Range | Either | None:
     return None
 
 
+def _interpolated(tree: Any, path: str) -> bool:
+    """Whether the leaf at ``path`` of an unresolved container takes its value from another key (``${...}``)."""
+    node = tree
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return isinstance(node, str) and node.startswith("${")
+
+
 def out_of_range(cfg: DictConfig) -> list[str]:
     """Every number outside its range, each as ``key=value must be <range>``, in config order; only the leaves with
     a rule are resolved (others may interpolate what is not known yet)."""
@@ -173,6 +181,8 @@ def out_of_range(cfg: DictConfig) -> list[str]:
         for path in paths:
             rule = _rule(group, path)
             key = f"{group}.{path}" if group else path
+            if _interpolated(tree, path):  # checked where its value is set: one problem, named once
+                continue
             if rule is not None and not rule.allows(value := OmegaConf.select(cfg, key)):
                 problems.append(f"{key}={value} must be {rule}")
     return problems

@@ -289,7 +289,9 @@ def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device
     tokens = int(bench.batch["attention_mask"].sum())
     medians = step_times(bench, modes, args, device)
     trained = dict(bench.trained_positions)
-    if device.type == "cuda":  # the allocator's own peak: this process, a fresh optimizer state per mode
+    if not args.memory:
+        memory = dict.fromkeys(modes)
+    elif device.type == "cuda":  # the allocator's own peak: this process, a fresh optimizer state per mode
         memory = {}
         for mode in modes:
             bench.optimizer = bench.new_optimizer()
@@ -299,6 +301,10 @@ def measure(args: argparse.Namespace, name: str, lora: bool, length: int, device
         bench = None  # the memory probes run in fresh processes: free this one's model first
         memory = {mode: memory_probe(args, name, lora, length, mode) for mode in modes}
     return {"medians": medians, "memory": memory, "tokens": tokens, "trained_positions": trained}
+
+
+def megabytes(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:,.0f}"
 
 
 def parse_model(spec: str) -> tuple[str, int]:
@@ -329,7 +335,7 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
         for mode in MODES:
             lines.append(
                 f"| {name} | {args.batch} × {length} | {kind} | {mode} | {m[mode]:.3f} | {m[mode] / m['full']:.2f} "
-                f"| {r['tokens'] / m[mode]:,.0f} | {mem[mode] / 2**20:,.0f} |"
+                f"| {r['tokens'] / m[mode]:,.0f} | {megabytes(mem[mode])} |"
             )
     if args.windows:
         lines += [
@@ -349,7 +355,7 @@ def report(results: dict, args: argparse.Namespace, command: str, device: torch.
                 lines.append(
                     f"| {name} | {accumulate} × {args.batch} × {length} | {kind} | {mode} | {m[mode]:.3f} "
                     f"| {m[mode] / m[f'local/{accumulate}']:.2f} | {r['trained_positions'][mode]:,} "
-                    f"| {mem[mode] / 2**20:,.0f} |"
+                    f"| {megabytes(mem[mode])} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -363,6 +369,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--override", nargs="*", default=[], help="model overrides, e.g. model.tokenizer=DIR")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="times only (no memory probes)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--write", type=Path, default=None, help="also write the Markdown table here")
     parser.add_argument(

@@ -75,8 +75,9 @@ if [ "$mode" = gpu ]; then
     train=(trainer=gpu trainer.max_steps=20)
     sharded=(trainer=fsdp trainer.devices=1 trainer.max_steps=5 model.lora.enabled=true)
 else
-    # one benchmark run with the window modes at tiny shapes: the plumbing
-    bench=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --windows 2)
+    # one benchmark run with the window modes at tiny shapes, times only (a memory probe is a fresh process per mode):
+    # the plumbing
+    bench=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --windows 2 --no-memory)
     windows=()
     model=(model=tiny_llama)
     data=(data=file data.path=tests/fixtures/tiny_sft.jsonl data.format=prompt_completion data.val_size=8)

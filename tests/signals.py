@@ -31,7 +31,7 @@ class SignalAtStep(Callback):
 
 class SignalAtBackward(Callback):
     """Sends ``signal_name`` to this process just before the ``backward``-th backward pass (1-based) of optimizer step
-    ``step``: in the middle of a window that `SFTModule.window_step` trains in several micro-batches."""
+    ``step``: in the middle of a window that `SFTModule.train_kept` trains in several micro-batches."""
 
     def __init__(self, step: int, backward: int, signal_name: str) -> None:
         self.step, self.backward = step, backward

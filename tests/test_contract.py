@@ -4,7 +4,7 @@ manual optimization, and DDP averages the gradients of its processes."""
 
 from __future__ import annotations
 
-import os
+import datetime
 
 import lightning as L
 import pytest
@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qtuning.module import gradient_scale
-from tests.test_distributed import free_port
 
 INPUTS = torch.tensor([[1.0, 2.0], [3.0, 5.0], [7.0, 11.0], [13.0, 17.0]])  # one micro-batch per row
 
@@ -78,9 +77,10 @@ def test_gradient_scale_undoes_both_and_divides_by_the_tokens():
     torch.testing.assert_close(lightning_ddp_left * scale, INPUTS.sum(0) / 40)
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _ddp_worker(rank: int, out: str) -> None:
+    # a file store, not a TCP port another test may hold; a timeout, so a lost peer fails the test instead of hanging
+    store = f"file://{out}/store"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         layer = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1, bias=False))
         layer(INPUTS[rank : rank + 1]).sum().backward()
@@ -91,6 +91,6 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow  # two spawned processes
 def test_ddp_averages_the_gradients_of_its_processes(tmp_path):
-    mp.start_processes(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"grad{rank}.pt")[0], INPUTS[:2].mean(0))
