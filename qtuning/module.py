@@ -472,9 +472,9 @@ class SFTModule(LightningModule):
         trainer = self.trainer
         batches = trainer.datamodule.planned_batches(trainer.current_epoch)
         if batches is None:  # no epoch limit
-            return trainer.max_steps if trainer.max_steps > 0 else None
+            return trainer.max_steps if trainer.max_steps >= 0 else None
         total = trainer.global_step + sum(math.ceil(b / trainer.accumulate_grad_batches) for b in batches)
-        return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
+        return min(total, trainer.max_steps) if trainer.max_steps >= 0 else total
 
     def on_train_epoch_start(self) -> None:
         """Under a dataset-level sample pruner the epochs differ in length (InfoBatch): the run's end, and the

@@ -95,7 +95,7 @@ RANGES: dict[str, dict[str, Range | Either]] = {
     },
     "trainer": {
         "max_epochs": Either(COUNT, -1, None),  # -1: no epoch limit
-        "max_steps": Either(COUNT, -1),
+        "max_steps": Either(NONNEG_INT, -1),  # 0: a valid run that trains nothing (Lightning)
         "devices": Either(COUNT, -1, str),  # Lightning also reads "auto" and "0,1"
         "num_nodes": COUNT,
         "accumulate_grad_batches": COUNT,

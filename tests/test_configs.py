@@ -63,7 +63,7 @@ IN_RANGE = [
     "callbacks=default ckpt_every_n_steps=null +callbacks.checkpoint.every_n_epochs=1",
 ]
 OUT_OF_RANGE = {
-    "trainer.max_steps=0": "trainer.max_steps=0 must be an integer >= 1 or -1",
+    "trainer.max_steps=-2": "trainer.max_steps=-2 must be an integer >= 0 or -1",  # 0 trains nothing (Lightning)
     "trainer.val_check_interval=1.5": "trainer.val_check_interval=1.5 must be an integer >= 1 or in (0, 1] or null",
     "data.batch_size=2.0": "data.batch_size=2.0 must be an integer >= 1",
     "optimizer.lr=true": "optimizer.lr=True must be > 0",

@@ -119,6 +119,14 @@ def test_validation_loss_and_metrics_file(tiny_cfg, tmp_path):
     assert (tmp_path / "metrics.json").exists()
 
 
+def test_max_steps_zero_is_a_run_that_trains_nothing(tiny_cfg):
+    """Lightning's reading of ``trainer.max_steps=0``: a valid run, validated, saved, with its weights untouched."""
+    cfg = tiny_cfg("pruner=qtuning", "trainer.max_steps=0")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 0 and objects["module"].total_steps == 0
+    assert metrics["val/loss"] == metrics["val/loss_start"]
+
+
 def test_no_validation_split_means_no_validation_and_no_warning(tiny_cfg, recwarn):
     cfg = tiny_cfg("pruner=none", "trainer.max_steps=2", "trainer.val_check_interval=1", "data.val_size=0")
     metrics, objects = train(cfg)
