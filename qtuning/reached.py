@@ -1,7 +1,7 @@
 """Which training samples reached the loss, from the run's own decisions: per optimizer step, the ``sample_idx`` of
 every row with a response token in the loss, and of every row the sample decision kept (a kept row whose response
 tokens were all pruned is kept but does not reach the loss), written to ``<output_dir>/reached_loss.json`` at the
-end of training; and, given each sample's kind (e.g. the corruption `qtuning.data.corrupt` recorded), the fraction
+end of training; and, given each sample's kind (e.g. the corruption `experiments.corrupt` recorded), the fraction
 of each kind that reached the loss (or was kept).
 
     callbacks.reached._target_=qtuning.reached.ReachedLossLog     # or a `callbacks:` entry of an experiment

@@ -1,4 +1,4 @@
-"""The corruptions of `qtuning.data.corrupt`, on hand-written text (no data file)."""
+"""The corruptions of `experiments.corrupt`, on hand-written text (no data file)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qtuning.data.corrupt import (
+from experiments.corrupt import (
     NOISE_KINDS,
     kind_counts,
     loop,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from experiments.heldout import heldout_metrics, matching_accuracy, response_logprobs, response_nll
 from qtuning.data import encode_conversation
-from qtuning.heldout import heldout_metrics, matching_accuracy, response_logprobs, response_nll
 from qtuning.models import build_model, build_tokenizer
 
 

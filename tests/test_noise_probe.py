@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-from tests.conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("noise_probe", ROOT / "scripts" / "noise_probe.py")
-noise_probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(noise_probe)
+from experiments import noise_probe
 
 
 def test_keep_rates_count_each_kind():

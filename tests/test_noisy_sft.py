@@ -1,4 +1,4 @@
-"""The noisy-SFT experiment's runner and report (scripts/noisy_sft.py) on fabricated job outputs: which jobs run,
+"""The noisy-SFT experiment's runner and report (experiments/noisy_sft.py) on fabricated job outputs: which jobs run,
 what the table says (by hand), the reached-the-loss fractions from the runs' records."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import noisy_sft
+from experiments import noisy_sft
 
 KINDS = ["clean", "clean", "mismatched", "shuffled", "clean", "loop", "truncated", "clean"]  # 8 training rows
 
@@ -114,8 +114,8 @@ def test_kept_fractions_only_for_rows_whose_records_hold_the_kept_set(fabricated
 def test_report_names_the_command_the_data_and_the_jobs_done(fabricated, tmp_path):
     doc = tmp_path / "docs" / "noisy_sft.md"
     doc.parent.mkdir()
-    text = noisy_sft.report(fabricated, doc, "python -m scripts.noisy_sft run")
-    command = "Command: `python -m scripts.noisy_sft run` — 50 min of wall time in 2 part(s)"
+    text = noisy_sft.report(fabricated, doc, "python -m experiments.noisy_sft run")
+    command = "Command: `python -m experiments.noisy_sft run` — 50 min of wall time in 2 part(s)"
     assert command in text  # 1,000 + 800 + 1,200 s in two parts
     assert "6 of 22 jobs done" in text
     assert (
@@ -191,7 +191,7 @@ def test_all_builds_only_missing_data_then_runs_and_reports(fabricated, tmp_path
     doc = tmp_path / "doc" / "noisy_sft.md"
     noisy_sft.main(["--out", str(fabricated), "all", "--write", str(doc)])
     assert calls == [("run", ["base", *noisy_sft.ROWS], [1, 2, 3])]  # the data is there: not rebuilt
-    assert "Command: `python -m scripts.noisy_sft all` — 50 min" in doc.read_text()
+    assert "Command: `python -m experiments.noisy_sft all` — 50 min" in doc.read_text()
     calls.clear()
     empty = tmp_path / "empty"
     with pytest.raises(SystemExit):  # the stubs train nothing, so there is nothing to report

@@ -1,29 +1,29 @@
 """Does Q-Tuning protect fine-tuning from bad data? A controlled noisy-SFT experiment with known noise (issue 17).
 
-    python -m scripts.noisy_sft all                        # the whole experiment: build (unless built), run, report
-    python -m scripts.noisy_sft build                      # the data: logs/noisy_sft/data/
-    python -m scripts.noisy_sft run                        # every job not yet finished (resumable, in parts)
-    python -m scripts.noisy_sft run --rows qtuning --seeds 1   # a part
-    python -m scripts.noisy_sft report --write docs/results/noisy_sft.md
+    python -m experiments.noisy_sft all                        # the whole experiment: build (unless built), run, report
+    python -m experiments.noisy_sft build                      # the data: logs/noisy_sft/data/
+    python -m experiments.noisy_sft run                        # every job not yet finished (resumable, in parts)
+    python -m experiments.noisy_sft run --rows qtuning --seeds 1   # a part
+    python -m experiments.noisy_sft report --write docs/results/noisy_sft.md
 
 1. ``build``: real single-turn ShareGPT pairs that fit 128 tokens under SmolLM2's chat template, split (seeded) into
    ``--n-train`` training and ``--n-heldout`` held-out pairs; 30 % of the training rows corrupted in equal shares
    (mismatched: another corrupted row's response; shuffled words; a loop of the first sentence; truncated to 40 % of
-   the words; `qtuning.data.corrupt`), each row's ``kind`` recorded in ``train_noisy.jsonl``. ``train_clean.jsonl``
+   the words; `experiments.corrupt`), each row's ``kind`` recorded in ``train_noisy.jsonl``. ``train_clean.jsonl``
    is the same rows with their own responses (the reference), ``heldout.jsonl`` the clean held-out pairs and
    ``matching.jsonl`` a (prompt, own, other) triple per held-out pair (other: the next held-out pair's response).
 2. ``run``: for every row × seed (the training order: data shuffle, LoRA init, the random pruners' draws), one
    ``python -m qtuning.train experiment=noisy_sft ... resume=auto`` in ``<out>/jobs/<row>/seed<k>``, then the
-   held-out metrics of its adapter (`qtuning.heldout`) into ``heldout.json``. A job with ``heldout.json`` is done
+   held-out metrics of its adapter (`experiments.heldout`) into ``heldout.json``. A job with ``heldout.json`` is done
    and skipped; a killed one resumes from its last checkpoint. Row ``base`` scores the untrained model once.
 3. ``report``: mean ± std over seeds, paired differences (same seed) against Random / Random and full data on the
    noisy set, the fraction of each kind that reached the loss (`qtuning.reached`, from each run's own decisions), a
    plot, and the jobs' wall time.
 
-Sizing: `SIZING` below, which the report repeats. The defaults (``--n-train 176 --n-heldout 64``, 3 epochs in
-conf/experiment/noisy_sft.yaml) are sized for the 22 jobs to take at most about 1 h 50 min on this 2-core CPU when
-it is quiet (they took 80 min); ``python -m scripts.noisy_sft time`` measures the step times of the row shapes that
-set the cost.
+Sizing: `noisy_sft_sizing.md` beside this file, which the report repeats. The defaults (``--n-train 176
+--n-heldout 64``, 3 epochs in conf/experiment/noisy_sft.yaml) are sized for the 22 jobs to take at most about
+1 h 50 min on this 2-core CPU when it is quiet (they took 80 min); ``python -m experiments.noisy_sft time`` measures
+the step times of the row shapes that set the cost.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qtuning.data.corrupt import NOISE_KINDS, noisy_split, single_turn_pairs
+from experiments.corrupt import NOISE_KINDS, noisy_split, single_turn_pairs
 from qtuning.errors import QTuningError, exit_on_bad_input
 from qtuning.reached import reach_counts, reached_fractions
 from qtuning.summarize import stats
@@ -66,22 +66,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     ),
 }
 BASE = "base"  # the untrained model, scored once: where training started
-# What the defaults are sized from; written into the report (section "Sizing").
-SIZING = """Seconds per optimizer step at batch 8, SmolLM2-135M with LoRA, ≤ 128 tokens, on this 2-core CPU when quiet,
-from the mini-reproduction's runs (docs/results/mini_table1.md: training wall time less ~40 s of start-up and
-validation, over its steps; its rows were mostly 128 tokens, these average 98, so these are upper bounds): full data
-5.3, Random / Random 5.7, Q-Tuning 3.9 (a scoring pass over 8 rows, then 2 trained), InfoBatch / Random 4.9 on 0.74
-of full data's steps. The window row scores 32 rows and trains 8 per step for a quarter of the steps: as Q-Tuning.
-With S = epochs · N / 8 optimizer steps of full data, one seed trains for about
-S · (2 · 5.3 + 0.25 · 5.7 + 3 · 3.9 + 0.74 · 4.9) = 27.4 · S seconds, and each of the 22 jobs adds about 20 s to start
-and 30 s to score its adapter (64 held-out pairs and 64 other responses: 128 forward passes, each distinct pair once).
-N = 176 pairs for 3 epochs: S = 66, 3 seeds · 27.4 · 66 = 90 min of training plus 22 · 50 s = 18 min: about
-1 h 50 min. Measured here beside other jobs at nice 19 (`python -m scripts.noisy_sft time`, 6 steps each), a step
-took 36–52 s for every one of the three shapes (full data, Random / Random, Q-Tuning), 7–10× the quiet figures:
-the full run needs the machine to itself. Measured alone on the machine: 80 min for the 22 jobs, 27 min a seed (the
-bound above is 1.4× that), each job's wall time with start-up and scoring: full data 250–335 s, Random / Random
-95–115 s, Q-Tuning 220–260 s, InfoBatch / Random 180–220 s, the window row 185–230 s, the base model 28 s. A killed
-job counts only the part that finished it (`runs.jsonl`); a rerun job, its rerun."""
+SIZING = Path(__file__).with_name("noisy_sft_sizing.md")  # what the defaults are sized from (the report repeats it)
+
 FILES = ("train_noisy.jsonl", "train_clean.jsonl", "heldout.jsonl", "matching.jsonl")
 
 
@@ -100,7 +86,7 @@ def chat_length(tokenizer: Any) -> Any:
 
 
 def cut_to_fit(length: Any, max_length: int) -> Any:
-    """A `qtuning.data.corrupt.Fit`: the response's last words dropped until the pair fits ``max_length`` tokens."""
+    """A `experiments.corrupt.Fit`: the response's last words dropped until the pair fits ``max_length`` tokens."""
 
     def fit(prompt: str, response: str) -> str:
         words = response.split(" ")
@@ -198,8 +184,8 @@ def score(job: Job, data: Path) -> dict[str, float]:
     """The held-out metrics of the job's adapter (the base model for ``base``), with the scoring time."""
     from omegaconf import OmegaConf
 
+    from experiments.heldout import heldout_metrics
     from qtuning.eval import load_for_eval
-    from qtuning.heldout import heldout_metrics
 
     started = time.time()
     trained = job.row != BASE
@@ -225,7 +211,7 @@ def run(out: Path, rows: Sequence[str], seeds: Sequence[int], extra: Sequence[st
     data = out / "data"
     missing = [name for name in FILES if not (data / name).exists()]
     if missing:
-        raise QTuningError(f"{data}: no {missing[0]}; run `python -m scripts.noisy_sft build` first")
+        raise QTuningError(f"{data}: no {missing[0]}; run `python -m experiments.noisy_sft build` first")
     todo = [job for job in jobs(out, rows, seeds) if not job.done]
     print(f"{len(todo)} job(s) to run" + "".join(f"\n  {job.dir.relative_to(out)}" for job in todo), flush=True)
     part = time.time()
@@ -438,7 +424,7 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
 def report(out: Path, doc: Path, command: str) -> str:
     results = load_results(out)
     if not results:
-        raise QTuningError(f"{out}: no finished job (no jobs/*/seed*/heldout.json); run `scripts.noisy_sft run`")
+        raise QTuningError(f"{out}: no finished job (no jobs/*/seed*/heldout.json); run `experiments.noisy_sft run`")
     plot_path = doc.with_suffix(".png")
     plot(results, plot_path)
     data = out / "data"
@@ -457,7 +443,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         f"Command: `{command}` — {wall_s / 60:.0f} min of wall time in "
         f"{len(parts)} part(s) on this machine ({os.cpu_count()} CPU cores); {done} of {expected} jobs done.",
         "",
-        f"Data (`python -m scripts.noisy_sft build`): {len(kinds)} real single-turn ShareGPT pairs for training, "
+        f"Data (`python -m experiments.noisy_sft build`): {len(kinds)} real single-turn ShareGPT pairs for training, "
         + ", ".join(f"{kind_sizes[k]} {k}" for k in KINDS)
         + f"; {n_heldout} clean held-out pairs and as many matching triples. Setup: `conf/experiment/noisy_sft.yaml` "
         "(SmolLM2-135M-Instruct with LoRA, batch 8, lr 1e-3, budget s25_t50); seeds "
@@ -489,7 +475,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         *kept_section(results, kind_sizes),
         "## Sizing",
         "",
-        SIZING,
+        SIZING.read_text().strip(),
         "",
         READING,
         "",
@@ -564,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every training job")
     for sub in (every, w):
         sub.add_argument("--write", type=Path, default=ROOT / "docs" / "results" / "noisy_sft.md")
-        sub.add_argument("--command", default="python -m scripts.noisy_sft all", help="the command the report names")
+        command = "python -m experiments.noisy_sft all"
+        sub.add_argument("--command", default=command, help="the command the report names")
     t = commands.add_parser("time", help="time a few steps of the row shapes that set the cost")
     t.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Does Q-Tuning's triage drop harmful noise? Corrupt real ShareGPT pairs, score them, and count what each rule keeps.
 
-    python -m scripts.noise_probe --write docs/noise_probe.md
+    python -m experiments.noise_probe --write docs/noise_probe.md
 
 1. A probe set of real single-turn ShareGPT pairs: ``--clean`` untouched, plus ``--per-kind`` corrupted copies of
    other pairs for each kind of damage real SFT data suffers from:
@@ -32,9 +32,9 @@ from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from experiments.corrupt import loop, rotate, single_turn_pairs, typos
 from qtuning.config import config_dir
 from qtuning.data import SFTDataModule
-from qtuning.data.corrupt import loop, rotate, single_turn_pairs, typos
 from qtuning.models import build_model, build_tokenizer
 from qtuning.ops.passes import scoring_forward
 from qtuning.pruning.qtuning import FILL_UP_RULES, TriageSettings, triage
@@ -249,8 +249,8 @@ def report(scores: dict, rates: dict, args: argparse.Namespace, runtime: float, 
     lines = [
         "# Noise probe: does the triage keep harmful noise?",
         "",
-        f"Command: `python -m scripts.noise_probe {' '.join(sys.argv[1:])}` ({runtime / 60:.1f} min on this machine: "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}).",
+        f"Command: `python -m experiments.noise_probe {' '.join(sys.argv[1:])}` ({runtime / 60:.1f} min on this "
+        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}).",
         "",
         f"Probe set: {counts['clean']} real single-turn ShareGPT pairs as they are, plus corrupted copies of other "
         f"pairs: {counts['mismatched']} `mismatched` (the response of another pair), {counts['typos']} `typos` (a "

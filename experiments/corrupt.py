@@ -1,5 +1,6 @@
 """Known damage to supervised pairs, for experiments that need noise of a known kind and amount: real single-turn
-ShareGPT pairs, and what broken pipelines do to a response (``scripts/noise_probe.py``, ``scripts/noisy_sft.py``).
+ShareGPT pairs, and what broken pipelines do to a response (``experiments/noise_probe.py``,
+``experiments/noisy_sft.py``).
 
 Every corruption is a pure function of the response (and a seeded `random.Random` where it draws):
 
