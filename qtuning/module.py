@@ -8,13 +8,17 @@ Each training batch holds the rows of one decision (`StepScope`): a micro-batch 
    forward that is also the training forward (``shared``), or from the masks alone (a policy that needs no scores);
 2. `decide`: ``policy.select(stats)``, over every device's statistics when the scope spans devices (gathered here, so
    that a policy stays a pure function of what it is given);
-3. `train_kept`: forward and backward over the kept rows only, in micro-batches of rows of similar length, each laid
-   out by `select_rows` (the one place a pass's layout is decided), the loss ``Σ ce·w`` from the LM head in chunks;
+3. `train_kept`: forward and backward over the kept rows only, in micro-batches of rows of similar length, the loss
+   ``Σ ce·w`` from the LM head in chunks;
 4. the optimizer step: the gradients of ``Σ ce·w`` divided by the step's loss tokens ``Σ w`` over all devices
    (`StepSums`, `gradient_scale`), clipped, stepped. Under ``local`` and ``global`` scope backward, accumulation,
    clipping and stepping are Lightning's (automatic optimization); a ``window`` is trained here (manual optimization),
    its gradients synchronised across devices at its last backward pass only, which a device whose passes were all
    non-finite still joins with a zero gradient.
+
+Every pass (scoring, training, validation) lays out its rows through `Layout` (right-padded, or packed under
+``data.padding_free``); its statistics and losses come back in the samples' own layout, so that steps 2 to 4 read the
+same either way.
 """
 
 from __future__ import annotations
@@ -39,11 +43,14 @@ from qtuning.errors import QTuningError
 from qtuning.ops import (
     Batch,
     BatchStats,
+    Layout,
+    PassRows,
     concat_stats,
     final_hidden_states,
     gather_stats,
     length_groups,
     output_head,
+    packing_problem,
     scoring_forward,
     select_rows,
     shift_targets,
@@ -86,7 +93,8 @@ class Scored:
     """Step 1's outcome for a training batch."""
 
     stats: BatchStats  # [W, T-1] what the policy decides from
-    hidden: Tensor | None  # [W, T, H] with autograd under shared scoring: the training forward too; else None
+    hidden: Tensor | None  # [R, L, H] with autograd under shared scoring: the training forward too; else None
+    shared: PassRows | None  # the rows of that forward, as it ran them
     positions: int  # positions (padding included) through the scoring passes
 
 
@@ -202,6 +210,7 @@ class SFTModule(LightningModule):
         scheduler: partial called with ``(optimizer, total_steps=...)`` returning a per-step LR scheduler, or None.
         max_bad_steps: micro-batches in a row with a non-finite loss before the run stops (each one is skipped).
         scope: over which rows one decision is made (`StepScope`).
+        layout: how every pass lays out its rows (`Layout`: right-padded, or packed).
         gradient_clip_val: the gradient-norm clip of a window the module trains itself (Lightning clips under
             automatic optimization); None or 0: no clipping.
     """
@@ -215,11 +224,14 @@ class SFTModule(LightningModule):
         max_bad_steps: int = 10,
         scope: StepScope | None = None,
         gradient_clip_val: float | None = None,
+        layout: Layout | None = None,
     ) -> None:
         super().__init__()
         if max_bad_steps < 1:
             raise QTuningError(f"max_bad_steps={max_bad_steps} must be at least 1")
         self.scope = scope or StepScope()
+        self.layout = layout or Layout()
+        self.layout_checked = False
         self.automatic_optimization = not self.scope.manual
         self.gradient_clip_val = gradient_clip_val
         self.max_bad_steps = max_bad_steps
@@ -235,6 +247,26 @@ class SFTModule(LightningModule):
         self.total_steps: int | None = None  # optimizer steps of the whole run as planned (the LR schedule's length)
 
     # ---- training: one decision's rows per batch --------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self.check_layout()
+
+    def on_validation_start(self) -> None:
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Once, before the first packed pass: a model whose attention lets packed samples see each other stops the
+        run (``data.padding_free=true``) or runs right-padded passes instead (``auto``)."""
+        if not self.layout.packed or self.layout_checked:
+            return
+        self.layout_checked = True
+        problem = packing_problem(self.model)
+        if problem is None:
+            return
+        if self.layout.required:
+            raise QTuningError(f"data.padding_free=true: {problem}; use data.padding_free=false")
+        log.warning("data.padding_free=auto: %s; the passes run right-padded rows instead", problem)
+        self.layout = Layout()
 
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
         """Score, decide, train the kept rows (and, for a window the module trains itself, step the optimizer).
@@ -270,18 +302,25 @@ class SFTModule(LightningModule):
         labels, mask, sample_idx = batch["labels"], batch["attention_mask"], batch["sample_idx"]
         if not self.policy.needs_scores:
             stats = BatchStats.from_masks(labels, mask, sample_idx)
-            return Scored(self.policy.enrich(self.model, batch, stats), None, 0)
+            return Scored(self.policy.enrich(self.model, batch, stats), None, None, 0)
         if self.policy.scoring == "shared":
-            hidden = final_hidden_states(self.model, batch)  # [B, T, H], with autograd: the training forward too
+            run = self.layout.rows(batch)
+            hidden = final_hidden_states(self.model, run.inputs)  # [R, L, H], with autograd: the training forward too
             head = output_head(self.model)
-            stats = BatchStats.from_hidden_states(hidden, head, head.vocab_size, labels, mask, sample_idx)
-            return Scored(self.policy.enrich(self.model, batch, stats), hidden, batch["input_ids"].numel())
+            inputs = run.inputs
+            pass_stats = BatchStats.from_hidden_states(
+                hidden, head, head.vocab_size, inputs["labels"], inputs["attention_mask"]
+            )
+            stats = run.sample_stats(pass_stats, sample_idx)
+            return Scored(self.policy.enrich(self.model, batch, stats), hidden, run, run.positions_run)
         parts, positions = [], 0
         for rows in torch.arange(labels.shape[0], device=labels.device).split(self.scope.micro_batch or len(labels)):
-            micro = select_rows(batch, rows)
-            parts.append(self.policy.enrich(self.model, micro, scoring_forward(self.model, micro)))
-            positions += micro["input_ids"].numel()
-        return Scored(parts[0] if len(parts) == 1 else concat_stats(parts), None, positions)
+            run = self.layout.rows(batch, rows)
+            stats = run.sample_stats(scoring_forward(self.model, run.inputs), sample_idx[rows])
+            # a policy's own extra pass (FastV's attention, Rho-1's reference model) reads the right-padded rows
+            parts.append(self.policy.enrich(self.model, select_rows(batch, rows), stats))
+            positions += run.positions_run
+        return Scored(parts[0] if len(parts) == 1 else concat_stats(parts), None, None, positions)
 
     def decide(self, stats: BatchStats) -> PruneDecision:
         """Step 2 (`decide`)."""
@@ -292,7 +331,7 @@ class SFTModule(LightningModule):
         backpropagated here, the gradients synchronised across devices at the last; a non-finite last pass still
         joins that synchronisation with a zero gradient."""
         if scored.hidden is not None:  # shared scoring: the scoring forward was the training forward, over every row
-            groups = [torch.arange(scored.hidden.shape[0], device=scored.hidden.device)]
+            groups = [torch.arange(scored.stats.batch_size, device=scored.hidden.device)]
         else:
             lengths = scored.stats.nonpad_mask.sum(1)  # [W]
             groups = length_groups(decision.sample_keep, lengths, self.scope.micro_batch or len(lengths))
@@ -300,7 +339,7 @@ class SFTModule(LightningModule):
         for i, rows in enumerate(groups):
             last = i == len(groups) - 1
             with self.gradient_sync(last):
-                trained = self.train_rows(batch, rows, decision, scored.hidden)
+                trained = self.train_rows(batch, rows, decision, scored)
                 if not torch.isfinite(trained.loss_sum):
                     self.skip_nonfinite(batch_idx)
                     if self.scope.manual and last:  # the other devices wait in this backward's all-reduce
@@ -313,28 +352,26 @@ class SFTModule(LightningModule):
             passes.append(trained)
         return passes
 
-    def train_rows(self, batch: Batch, rows: Tensor, decision: PruneDecision, hidden: Tensor | None = None) -> Trained:
-        """The loss over ``rows`` ``[K]`` of ``batch``: from a grad forward over them (laid out by `select_rows`), or
-        from ``hidden``, the shared scoring forward over every row.
+    def train_rows(self, batch: Batch, rows: Tensor, decision: PruneDecision, scored: Scored | None = None) -> Trained:
+        """The loss over ``rows`` ``[K]`` of ``batch``: from a grad forward over them, or from the shared scoring
+        forward over every row (``scored.hidden``).
 
         No row (a global or window decision may leave a device nothing): one row goes through with weight 0, so the
         pass contributes 0 and every device still joins the gradient all-reduce.
         """
-        head = output_head(self.model)
-        if hidden is not None:
-            weight = decision.token_keep.float()  # [B, T-1]
-            loss_weight = self.loss_weight(weight, decision, rows)
-            loss_sum, ce = token_loss(hidden, head, batch["labels"], batch["attention_mask"], loss_weight)
-            return Trained(loss_sum, ce, weight, rows, 0, batch["input_ids"].numel())
-        if rows.numel() == 0:
-            rows = torch.zeros(1, dtype=torch.long, device=rows.device)
-        kept = select_rows(batch, rows)
-        hidden = final_hidden_states(self.model, kept)  # [K, T', H]
-        weight = decision.token_keep[rows, : hidden.shape[1] - 1].float()  # [K, T'-1]
-        loss_weight = self.loss_weight(weight, decision, rows)
-        loss_sum, ce = token_loss(hidden, head, kept["labels"], kept["attention_mask"], loss_weight)
-        positions = kept["input_ids"].numel()
-        return Trained(loss_sum, ce, weight, rows, positions, positions)
+        if scored is not None and scored.hidden is not None:
+            run, hidden, forward = scored.shared, scored.hidden, 0  # [R, L, H]
+        else:
+            if rows.numel() == 0:
+                rows = torch.zeros(1, dtype=torch.long, device=rows.device)
+            run = self.layout.rows(batch, rows)
+            hidden = final_hidden_states(self.model, run.inputs)  # [R, L, H]
+            forward = run.positions_run
+        weight = decision.token_keep[rows, : run.width - 1].float()  # [K, T'-1]
+        loss_weight = run.positions(self.loss_weight(weight, decision, rows))  # [R, L-1]
+        labels, mask = run.inputs["labels"], run.inputs["attention_mask"]
+        loss_sum, ce = token_loss(hidden, output_head(self.model), labels, mask, loss_weight)
+        return Trained(loss_sum, run.samples(ce), weight, rows, forward, run.positions_run)
 
     @staticmethod
     def loss_weight(weight: Tensor, decision: PruneDecision, rows: Tensor) -> Tensor:
@@ -418,8 +455,9 @@ class SFTModule(LightningModule):
     # ---- validation: never pruned -----------------------------------------------------------------------------
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        hidden = final_hidden_states(self.model, batch)  # [B, T, H]
-        loss_sum, _ = token_loss(hidden, output_head(self.model), batch["labels"], batch["attention_mask"])
+        run = self.layout.rows(batch)
+        hidden = final_hidden_states(self.model, run.inputs)  # [R, L, H]
+        loss_sum, _ = token_loss(hidden, output_head(self.model), run.inputs["labels"], run.inputs["attention_mask"])
         n_tokens = shift_targets(batch["labels"], batch["attention_mask"])[1].sum()
         if n_tokens > 0:
             self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)

@@ -23,6 +23,7 @@ from qtuning.eval import check_eval, evaluate, log_to_loggers
 from qtuning.loggers import build_loggers, describe_wandb, finish_wandb
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule, StepScope
+from qtuning.ops import Layout
 from qtuning.outputs import save_hf_model, write_atomic
 from qtuning.pruning import PruningPolicy
 from qtuning.resume import SaveOnInterrupt, check_checkpoint, resolve_resume
@@ -63,6 +64,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         max_bad_steps=cfg.max_bad_steps,
         scope=scope,
         gradient_clip_val=cfg.trainer.get("gradient_clip_val") if scope.manual else None,
+        layout=Layout(
+            packed=bool(datamodule.padding_free),  # true or auto
+            capacity=datamodule.source.max_length,
+            required=datamodule.padding_free is True,
+        ),
     )
     callbacks = [policy, *(instantiate_key(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items())]
     callbacks.append(SaveOnInterrupt(str(checkpoint_dir)))

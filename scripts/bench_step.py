@@ -21,6 +21,13 @@ shuffled, as a real window's are), A at a time:
 These are what `SFTModule` runs (its `score`, `decide` and `train_rows`): the LM head only at the positions that
 count, in chunks. (The full-logits path the code ran before is retired; its numbers stay in docs/benchmarks.md.)
 
+With ``--padding-free DATA ...`` (``pairs``: real single-turn ShareGPT pairs; ``chats``: the multi-turn conversations),
+it measures instead right-padded against packed passes (``data.padding_free``) on random batches of ``--batch`` real
+rows at the model's sequence length, SmolLM2's tokenizer and chat template: ``full`` and ``separate`` (Q-Tuning), each
+``+packed``; per mode the positions through its scoring and training passes per real token, the step time (the
+median over the rounds, one batch per round, the same for every mode) and the peak memory of its first step. The
+layout alone is also counted over 1,000 batches.
+
 Step time: the median over ``--steps`` rounds after ``--warmup`` rounds; modes interleaved in random order, each timed
 step right after an untimed one of the same mode (steady state, not the cost of regrowing another mode's memory).
 Peak memory: one step of each mode (the optimizer's state created in it) above the memory once the model, the batch
@@ -50,6 +57,7 @@ from qtuning.config import config_dir
 from qtuning.models import build_model, build_tokenizer
 from qtuning.module import SFTModule, StepScope
 from qtuning.ops import (
+    Layout,
     final_hidden_states,
     length_groups,
     output_head,
@@ -64,6 +72,9 @@ ROOT = Path(__file__).resolve().parents[1]  # where `python -m scripts.bench_ste
 
 R_SAMPLE, R_TOKEN = 0.25, 0.5
 MODES = ("full", "shared", "separate", "ideal", "scoring", "validation")
+LAYOUT_MODES = ("full", "full+packed", "separate", "separate+packed")
+PAIR_ROWS = 20_000  # real single-turn pairs (the first of ShareGPT's)
+LAYOUT_BATCHES = 1_000  # batches whose layout alone is counted
 WINDOW_KINDS = ("local", "window", "unpacked")
 Batch = dict[str, torch.Tensor]
 
@@ -139,9 +150,7 @@ class Bench:
         return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -211,6 +220,136 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def real_batches(data: str, tokenizer, length: int, batch: int, n: int) -> list[Batch]:
+    """``n`` batches of ``batch`` rows drawn (seeded) from real ShareGPT data at ``length`` tokens, right-padded as
+    the data module's loader pads them."""
+    from qtuning.data import SFTDataModule, collate
+    from scripts.bench_data import SHAREGPT, build_pairs
+
+    if data == "pairs":
+        path = ROOT / "logs" / "bench_data" / f"sharegpt_pairs_{PAIR_ROWS}.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            build_pairs(path, PAIR_ROWS)
+        source = {"path": str(path), "format": "prompt_completion"}
+    else:
+        source = {"path": SHAREGPT, "format": "sharegpt", "salvage_truncated": True}
+    datamodule = SFTDataModule(tokenizer, max_length=length, batch_size=batch, **source)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    examples, draw = datamodule.train_examples, random.Random(0)
+    picks = [draw.sample(range(len(examples)), batch) for _ in range(n)]
+    return [collate([examples[i] for i in rows], rows, datamodule.pad_id) for rows in picks]
+
+
+class LayoutBench:
+    """One model, padded and packed modules over the same real batches."""
+
+    def __init__(self, args: argparse.Namespace, data: str, name: str, lora: bool, length: int, n: int, device):
+        mixed = ["model.dtype=fp32"] if args.precision != "32-true" else []
+        cfg, cache = model_config(name, lora, [*args.override, *mixed])
+        tokenizer = build_tokenizer(cfg, cache)
+        self.batches = [
+            {k: v.to(device) for k, v in b.items()} for b in real_batches(data, tokenizer, length, args.batch, n)
+        ]
+        with device:
+            self.model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
+        self.device, self.dtype = device, torch.bfloat16 if args.precision == "bf16-mixed" else None
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
+        policies = {"full": NoPruning, "separate": lambda: QTuningPolicy(R_SAMPLE, R_TOKEN)}
+        self.modules = {
+            mode: SFTModule(
+                self.model,
+                policies[mode.split("+")[0]](),
+                optimizer=torch.optim.AdamW,
+                layout=Layout(packed=mode.endswith("+packed"), capacity=length),
+            )
+            for mode in LAYOUT_MODES
+        }
+        # per mode: [scoring positions, their real tokens, training positions, their real tokens]
+        self.positions = {mode: [0, 0, 0, 0] for mode in LAYOUT_MODES}
+
+    def step(self, mode: str, i: int) -> None:
+        module, batch = self.modules[mode], self.batches[i]
+        with autocast(self.device, self.dtype):
+            scored = module.score(batch)
+            passes = module.train_kept(batch, scored, module.decide(scored.stats), batch_idx=0)
+        loss = sum(p.loss_sum for p in passes) / sum(p.weight.sum() for p in passes).clamp(min=1)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        real = batch["attention_mask"].sum(1)  # [B]
+        counts = self.positions[mode]
+        counts[0] += scored.positions
+        counts[1] += int(real.sum()) if scored.positions else 0
+        counts[2] += sum(p.forward_positions for p in passes)
+        counts[3] += sum(int(real[p.rows].sum()) for p in passes)
+
+
+def layout_ratios(batches: list[Batch], capacity: int) -> dict[str, float]:
+    """Positions per real token of a pass over all of each batch's rows, padded and packed."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(Layout().rows(b).positions_run for b in batches)
+    packed = sum(Layout(packed=True, capacity=capacity).rows(b).positions_run for b in batches)
+    return {"padded": padded / real, "packed": packed / real}
+
+
+def measure_layouts(args: argparse.Namespace, data: str, name: str, lora: bool, length: int, device) -> dict:
+    rounds = args.warmup + args.steps
+    bench = LayoutBench(args, data, name, lora, length, rounds, device)
+    times: dict[str, list[float]] = {mode: [] for mode in LAYOUT_MODES}
+    order = random.Random(0)
+    for i in range(rounds):
+        for mode in order.sample(LAYOUT_MODES, len(LAYOUT_MODES)):
+            t = timed(lambda m=mode, i=i: bench.step(m, i), device)
+            if i >= args.warmup:
+                times[mode].append(t)
+    positions = bench.positions
+    tokenizer = build_tokenizer(*model_config(name, lora, args.override))
+    layout = layout_ratios(real_batches(data, tokenizer, length, args.batch, LAYOUT_BATCHES), length)
+    bench = None  # the memory probes run in fresh processes
+    memory = dict.fromkeys(LAYOUT_MODES)
+    if args.memory and device.type == "cpu":
+        memory = {mode: memory_probe(args, name, lora, length, mode, data) for mode in LAYOUT_MODES}
+    medians = {mode: statistics.median(ts) for mode, ts in times.items()}
+    return {"medians": medians, "memory": memory, "positions": positions, "layout": layout}
+
+
+def layout_report(results: dict, args: argparse.Namespace, command: str, device: torch.device) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine_line(device)}. Precision `{args.precision}`; random batches of {args.batch} real rows, "
+        f"r_sample {R_SAMPLE}, r_token {R_TOKEN}; step time: the median of {args.steps} rounds after {args.warmup} "
+        "warm-up rounds (one batch per round, the same for every mode, modes in random order); positions per real "
+        "token over every round; memory: the first step on the first batch in a fresh process, above the level once "
+        "the model, the batch and the optimizer are loaded.",
+        "",
+        "| model | data | length | fine-tuning | mode | positions / real token: scoring | training | step (s) "
+        "| × padded | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (data, name, length, kind), r in results.items():
+        m, mem = r["medians"], r["memory"]
+        for mode in LAYOUT_MODES:
+            scored, scored_real, trained, trained_real = r["positions"][mode]
+            scoring = f"{scored / scored_real:.2f}" if scored_real else "–"
+            lines.append(
+                f"| {name} | {data} | {length} | {kind} | {mode} | {scoring} | {trained / max(trained_real, 1):.2f} "
+                f"| {m[mode]:.2f} | {m[mode] / m[mode.split('+')[0]]:.2f} | {megabytes(mem[mode])} |"
+            )
+    lines += ["", f"The layout alone, a pass over all rows of {LAYOUT_BATCHES:,} random batches of {args.batch}:", ""]
+    lines += ["| data | length | positions / real token: padded | packed |", "|---|---|---|---|"]
+    layouts = {(data, length): r["layout"] for (data, _, length, _), r in results.items()}
+    for (data, length), ratio in layouts.items():
+        lines.append(f"| {data} | {length} | {ratio['padded']:.2f} | {ratio['packed']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -247,7 +386,7 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     return (_status_kb("VmHWM") - before) * 1024
 
 
-def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, mode: str) -> int:
+def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, mode: str, data: str = "") -> int:
     """Peak extra memory of one step of ``mode``, measured in a fresh process.
 
     On CPU the probe runs with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors leave the resident set at once and
@@ -256,6 +395,7 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
     command = [sys.executable, "-m", "scripts.bench_step", "--probe", mode, "--model", f"{name}:{length}"]
     command += ["--batch", str(args.batch), "--windows", *map(str, args.windows)]
     command += ["--precision", args.precision, "--override", *args.override] + (["--lora"] if lora else [])
+    command += ["--padding-free", data] if data else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1])
@@ -263,6 +403,9 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
 
 def probe(args: argparse.Namespace, device: torch.device) -> int:
     name, length = parse_model(args.model[0])
+    if args.padding_free:
+        layout_bench = LayoutBench(args, args.padding_free[0], name, args.lora, length, 1, device)
+        return peak_extra_memory(lambda: layout_bench.step(args.probe, 0), device)
     bench = Bench(args, name, args.lora, length, device)
     return peak_extra_memory(lambda: bench.step(args.probe), device)
 
@@ -312,11 +455,15 @@ def parse_model(spec: str) -> tuple[str, int]:
     return name, int(length or 256)
 
 
-def report(results: dict, args: argparse.Namespace, command: str, device: torch.device) -> str:
-    machine = (
+def machine_line(device: torch.device) -> str:
+    return (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, device `{device}`" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
+
+
+def report(results: dict, args: argparse.Namespace, command: str, device: torch.device) -> str:
+    machine = machine_line(device)
     memory_kind = "`torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak resident set (VmHWM)"
     lines = [
         f"Command: `{command}`",
@@ -375,6 +522,9 @@ def main() -> None:
     parser.add_argument(
         "--windows", nargs="*", type=int, default=[], help="also one step over A micro-batches, local against window"
     )
+    parser.add_argument(
+        "--padding-free", nargs="*", choices=["pairs", "chats"], default=[], help="padded against packed, real data"
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: memory_probe, one mode
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -384,16 +534,20 @@ def main() -> None:
         print(probe(args, device))
         return
     results = {}
+    command = "python -m scripts.bench_step " + " ".join(sys.argv[1:])
     for spec in args.model:
         name, length = parse_model(spec)
         for kind in args.kinds:
-            print(f"benchmarking {name} at {args.batch} x {length} ({kind}) ...", flush=True)
-            results[(name, length, kind)] = measure(args, name, kind == "lora", length, device)
-    command = "python -m scripts.bench_step " + " ".join(sys.argv[1:])
-    text = report(results, args, command, device)
+            for data in args.padding_free:
+                print(f"padded against packed: {name} on {data} at {length} tokens ({kind}) ...", flush=True)
+                results[(data, name, length, kind)] = measure_layouts(args, data, name, kind == "lora", length, device)
+            if not args.padding_free:
+                print(f"benchmarking {name} at {args.batch} x {length} ({kind}) ...", flush=True)
+                results[(name, length, kind)] = measure(args, name, kind == "lora", length, device)
+    text = (layout_report if args.padding_free else report)(results, args, command, device)
     print(text)
     if args.json:
-        raw = {f"{n}:{length}:{k}": r for (n, length, k), r in results.items()}
+        raw = {":".join(map(str, key)): r for key, r in results.items()}
         args.json.write_text(json.dumps(raw, indent=2) + "\n")
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,9 @@ class SFTDataModule(LightningDataModule):
         cache_dir: where the token cache lives; None: ``$QTUNING_CACHE_DIR/data`` (``~/.cache/qtuning/data``).
         split: the split of a Hub data set.
         subset: the subset (configuration) of a Hub data set, or None.
+        padding_free: whether the model's passes run the batches' samples packed into rows of at most
+            ``max_length`` tokens instead of right-padded (`qtuning.ops.Layout`): ``true``, ``false``, or ``"auto"``
+            (packed where the model allows it); the batches are the same.
     """
 
     def __init__(
@@ -104,15 +107,19 @@ class SFTDataModule(LightningDataModule):
         cache_dir: str | None = None,
         split: str = "train",
         subset: str | None = None,
+        padding_free: bool | str = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise QTuningError(f"data.batch_size={batch_size} must be at least 1")
+        if padding_free not in (True, False, "auto"):
+            raise QTuningError(f"data.padding_free={padding_free!r} must be true, false or auto")
         self.tokenizer = tokenizer
         self.path = path
         self.source = DataSource(path, format, max_length, limit, salvage_truncated, on_bad_row, split, subset)
         self.batch_size, self.val_size = batch_size, val_size
         self.seed, self.num_workers, self.num_proc, self.cache_dir = seed, num_workers, num_proc, cache_dir
+        self.padding_free = padding_free
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.entry: Path | None = None  # the token cache entry, once prepared
         self.train_examples: Sequence[Example] = []

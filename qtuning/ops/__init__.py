@@ -1,11 +1,13 @@
 """Model operations: the passes over a batch (the final hidden states through the model's own forward, the scoring
-pass), the LM head in chunks (statistics and the loss, no ``[B, T, V]`` logits), and collectives over statistics.
+pass), the layout of a pass's rows (right-padded or packed), the LM head in chunks (statistics and the loss, no
+``[B, T, V]`` logits), and collectives over statistics.
 
 Imports run one way: the module, the policies (`qtuning.pruning`) and the evaluation use these; these use nothing of
 theirs.
 """
 
 from qtuning.ops.distributed import gather_stats, world_size
+from qtuning.ops.layout import Layout, PassRows, packing_problem
 from qtuning.ops.loss import OutputHead, token_loss
 from qtuning.ops.passes import (
     Batch,
@@ -21,6 +23,8 @@ from qtuning.ops.stats import BatchStats, concat_stats, shift_targets
 __all__ = [
     "Batch",
     "BatchStats",
+    "Layout",
+    "PassRows",
     "OutputHead",
     "base_model",
     "concat_stats",
@@ -28,6 +32,7 @@ __all__ = [
     "gather_stats",
     "length_groups",
     "output_head",
+    "packing_problem",
     "scoring_forward",
     "select_rows",
     "shift_targets",

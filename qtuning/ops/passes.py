@@ -40,7 +40,8 @@ def length_groups(keep: Tensor, lengths: Tensor, size: int) -> list[Tensor]:
 
 
 def final_hidden_states(model: torch.nn.Module, batch: Batch) -> Tensor:
-    """``[B, T, H]``: what the LM head would see, from the model's own forward (with autograd if it is enabled).
+    """``[B, T, H]``: what the LM head would see, from the model's own forward (with autograd if it is enabled), over
+    right-padded rows (with their ``attention_mask``) or packed rows (with their ``position_ids``).
 
     A pre-hook hands the head an empty slice of positions, so the forward computes no logits.
     """
@@ -51,9 +52,15 @@ def final_hidden_states(model: torch.nn.Module, batch: Batch) -> Tensor:
         captured.append(args[0])
         return (args[0][..., :0, :], *args[1:])
 
+    if "position_ids" in batch:  # packed rows (`qtuning.ops.layout`): the restarting positions separate the samples
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     handle = head.register_forward_pre_hook(keep_input)
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        # no cache: transformers reads packed rows from position_ids only when it creates none (and then no mask may
+        # be given), and a cache is of no use to a single forward
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
     return captured[-1]
