@@ -108,14 +108,16 @@ def run_probe(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build_pairs(path: Path, rows: int, min_chars: int = 0) -> None:
-    """``rows`` prompt/completion rows from ShareGPT's (human, gpt) turns of at least ``min_chars`` characters: the
-    real pairs first, then the same pairs again with a ``(variant k)`` line after the prompt, so that every row is
-    distinct."""
+def build_pairs(path: Path, rows: int, min_chars: int = 0, source: str = SHAREGPT) -> None:
+    """``rows`` prompt/completion rows from the (human, gpt) turns of at least ``min_chars`` characters of the ShareGPT
+    conversations in ``source``: the real pairs first, then the same pairs again with a ``(variant k)`` line after the
+    prompt, so that every row is distinct."""
     from qtuning.data.readers import iter_rows
 
     pairs = []
-    for row in iter_rows(SHAREGPT, salvage_truncated=True):
+    for row in iter_rows(source, salvage_truncated=source.endswith(".json")):
+        if len(pairs) >= rows:
+            break
         turns = row.data.get("conversations") or []
         for a, b in zip(turns, turns[1:], strict=False):
             if (

@@ -67,13 +67,13 @@ from qtuning.ops import (
     token_loss,
 )
 from qtuning.pruning import NoPruning, QTuningPolicy
+from scripts.bench_data import SHAREGPT, build_pairs
 
 ROOT = Path(__file__).resolve().parents[1]  # where `python -m scripts.bench_step` finds this file (memory probes)
 
 R_SAMPLE, R_TOKEN = 0.25, 0.5
 MODES = ("full", "shared", "separate", "ideal", "scoring", "validation")
 LAYOUT_MODES = ("full", "full+packed", "separate", "separate+packed")
-PAIR_ROWS = 20_000  # real single-turn pairs (the first of ShareGPT's)
 LAYOUT_BATCHES = 1_000  # batches whose layout alone is counted
 WINDOW_KINDS = ("local", "window", "unpacked")
 Batch = dict[str, torch.Tensor]
@@ -224,25 +224,26 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def real_batches(data: str, tokenizer, length: int, batch: int, n: int) -> list[Batch]:
-    """``n`` batches of ``batch`` rows drawn (seeded) from real ShareGPT data at ``length`` tokens, right-padded as
-    the data module's loader pads them."""
+def real_batches(args: argparse.Namespace, data: str, tokenizer, length: int, n: int) -> list[Batch]:
+    """``n`` batches of ``--batch`` rows drawn (seeded) from real ShareGPT data at ``length`` tokens (``pairs``: the
+    first ``--rows`` single-turn pairs of ``--sharegpt``; ``chats``: its first ``--rows`` conversations), right-padded
+    as the data module's loader pads them."""
     from qtuning.data import SFTDataModule, collate
-    from scripts.bench_data import SHAREGPT, build_pairs
 
     if data == "pairs":
-        path = ROOT / "logs" / "bench_data" / f"sharegpt_pairs_{PAIR_ROWS}.jsonl"
+        path = ROOT / "logs" / "bench_data" / f"{Path(args.sharegpt).stem}_pairs_{args.rows}.jsonl"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            build_pairs(path, PAIR_ROWS)
+            build_pairs(path, args.rows, source=args.sharegpt)
         source = {"path": str(path), "format": "prompt_completion"}
     else:
-        source = {"path": SHAREGPT, "format": "sharegpt", "salvage_truncated": True}
-    datamodule = SFTDataModule(tokenizer, max_length=length, batch_size=batch, **source)
+        salvage = args.sharegpt.endswith(".json")  # the package's file is cut off mid-record
+        source = {"path": args.sharegpt, "format": "sharegpt", "salvage_truncated": salvage, "limit": args.rows}
+    datamodule = SFTDataModule(tokenizer, max_length=length, batch_size=args.batch, **source)
     datamodule.prepare_data()
     datamodule.setup("fit")
     examples, draw = datamodule.train_examples, random.Random(0)
-    picks = [draw.sample(range(len(examples)), batch) for _ in range(n)]
+    picks = [draw.sample(range(len(examples)), args.batch) for _ in range(n)]
     return [collate([examples[i] for i in rows], rows, datamodule.pad_id) for rows in picks]
 
 
@@ -253,9 +254,7 @@ class LayoutBench:
         mixed = ["model.dtype=fp32"] if args.precision != "32-true" else []
         cfg, cache = model_config(name, lora, [*args.override, *mixed])
         tokenizer = build_tokenizer(cfg, cache)
-        self.batches = [
-            {k: v.to(device) for k, v in b.items()} for b in real_batches(data, tokenizer, length, args.batch, n)
-        ]
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in real_batches(args, data, tokenizer, length, n)]
         with device:
             self.model = build_model(cfg, cache, vocab_size=len(tokenizer)).to(device)
         self.device, self.dtype = device, torch.bfloat16 if args.precision == "bf16-mixed" else None
@@ -310,7 +309,7 @@ def measure_layouts(args: argparse.Namespace, data: str, name: str, lora: bool, 
                 times[mode].append(t)
     positions = bench.positions
     tokenizer = build_tokenizer(*model_config(name, lora, args.override))
-    layout = layout_ratios(real_batches(data, tokenizer, length, args.batch, LAYOUT_BATCHES), length)
+    layout = layout_ratios(real_batches(args, data, tokenizer, length, LAYOUT_BATCHES), length)
     bench = None  # the memory probes run in fresh processes
     memory = dict.fromkeys(LAYOUT_MODES)
     if args.memory and device.type == "cpu":
@@ -395,7 +394,7 @@ def memory_probe(args: argparse.Namespace, name: str, lora: bool, length: int, m
     command = [sys.executable, "-m", "scripts.bench_step", "--probe", mode, "--model", f"{name}:{length}"]
     command += ["--batch", str(args.batch), "--windows", *map(str, args.windows)]
     command += ["--precision", args.precision, "--override", *args.override] + (["--lora"] if lora else [])
-    command += ["--padding-free", data] if data else []
+    command += ["--padding-free", data, "--sharegpt", args.sharegpt, "--rows", str(args.rows)] if data else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1])
@@ -525,6 +524,10 @@ def main() -> None:
     parser.add_argument(
         "--padding-free", nargs="*", choices=["pairs", "chats"], default=[], help="padded against packed, real data"
     )
+    parser.add_argument(
+        "--sharegpt", default=SHAREGPT, help="ShareGPT conversations (.json or .jsonl) for --padding-free"
+    )
+    parser.add_argument("--rows", type=int, default=20_000, help="--padding-free: pairs or conversations read")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: memory_probe, one mode
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
