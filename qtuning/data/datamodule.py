@@ -107,7 +107,7 @@ class SFTDataModule(LightningDataModule):
         cache_dir: str | None = None,
         split: str = "train",
         subset: str | None = None,
-        padding_free: bool | str = False,
+        padding_free: bool | str = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
