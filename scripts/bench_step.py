@@ -289,15 +289,28 @@ class LayoutBench:
         counts[3] += sum(int(real[p.rows].sum()) for p in passes)
 
 
+def fewest_positions(lengths: list[int], capacity: int) -> int:
+    """A floor under any packing of ``lengths`` into equal rows of at most ``capacity``: R rows are at least as wide
+    as the longest sample and as ``Σ / R``."""
+    total, longest = sum(lengths), max(lengths)
+    return min(r * max(longest, -(-total // r)) for r in range(-(-total // capacity), len(lengths) + 1))
+
+
 def layout_ratios(batches: list[Batch], capacity: int) -> dict[str, float]:
-    """Positions per real token of a pass over all of each batch's rows, padded and packed."""
+    """Positions per real token of a pass over all of each batch's rows: padded, packed, and the floor of any
+    packing into rows of at most ``capacity``."""
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(Layout().rows(b).positions_run for b in batches)
     packed = sum(Layout(packed=True, capacity=capacity).rows(b).positions_run for b in batches)
-    return {"padded": padded / real, "packed": packed / real}
+    floor = sum(fewest_positions(b["attention_mask"].sum(1).tolist(), capacity) for b in batches)
+    return {"padded": padded / real, "packed": packed / real, "floor": floor / real}
 
 
 def measure_layouts(args: argparse.Namespace, data: str, name: str, lora: bool, length: int, device) -> dict:
+    tokenizer = build_tokenizer(*model_config(name, lora, args.override))
+    layout = layout_ratios(real_batches(args, data, tokenizer, length, LAYOUT_BATCHES), length)
+    if args.layout_only:
+        return {"layout": layout}
     rounds = args.warmup + args.steps
     bench = LayoutBench(args, data, name, lora, length, rounds, device)
     times: dict[str, list[float]] = {mode: [] for mode in LAYOUT_MODES}
@@ -308,8 +321,6 @@ def measure_layouts(args: argparse.Namespace, data: str, name: str, lora: bool, 
             if i >= args.warmup:
                 times[mode].append(t)
     positions = bench.positions
-    tokenizer = build_tokenizer(*model_config(name, lora, args.override))
-    layout = layout_ratios(real_batches(args, data, tokenizer, length, LAYOUT_BATCHES), length)
     bench = None  # the memory probes run in fresh processes
     memory = dict.fromkeys(LAYOUT_MODES)
     if args.memory and device.type == "cpu":
@@ -333,6 +344,8 @@ def layout_report(results: dict, args: argparse.Namespace, command: str, device:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (data, name, length, kind), r in results.items():
+        if "medians" not in r:  # --layout-only
+            continue
         m, mem = r["medians"], r["memory"]
         for mode in LAYOUT_MODES:
             scored, scored_real, trained, trained_real = r["positions"][mode]
@@ -342,10 +355,13 @@ def layout_report(results: dict, args: argparse.Namespace, command: str, device:
                 f"| {m[mode]:.2f} | {m[mode] / m[mode.split('+')[0]]:.2f} | {megabytes(mem[mode])} |"
             )
     lines += ["", f"The layout alone, a pass over all rows of {LAYOUT_BATCHES:,} random batches of {args.batch}:", ""]
-    lines += ["| data | length | positions / real token: padded | packed |", "|---|---|---|---|"]
+    lines += [
+        "| data | length | positions / real token: padded | packed | floor of any packing into rows of ≤ length |",
+        "|---|---|---|---|---|",
+    ]
     layouts = {(data, length): r["layout"] for (data, _, length, _), r in results.items()}
     for (data, length), ratio in layouts.items():
-        lines.append(f"| {data} | {length} | {ratio['padded']:.2f} | {ratio['packed']:.3f} |")
+        lines.append(f"| {data} | {length} | {ratio['padded']:.2f} | {ratio['packed']:.3f} | {ratio['floor']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -528,6 +544,7 @@ def main() -> None:
         "--sharegpt", default=SHAREGPT, help="ShareGPT conversations (.json or .jsonl) for --padding-free"
     )
     parser.add_argument("--rows", type=int, default=20_000, help="--padding-free: pairs or conversations read")
+    parser.add_argument("--layout-only", action="store_true", help="--padding-free: count the layout, run no model")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: memory_probe, one mode
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

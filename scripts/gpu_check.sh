@@ -12,7 +12,7 @@
 #    8 x 2,048 (step times and ratios, tokens/s, max_memory_allocated of each mode);
 #    then threshold_scope=window against local at global batches of 8 x 4 and 8 x 8 (SmolLM2-135M-shaped);
 #    then right-padded against packed passes (data.padding_free) on batches of 8 real ShareGPT pairs and chats at
-#    2,048 tokens (SmolLM2-135M-shaped; --cpu: tiny shapes, the first 200 of each);
+#    2,048 tokens (SmolLM2-135M-shaped; --cpu: tiny shapes, 200 pairs);
 # 3. 20 steps of trainer=gpu Q-Tuning on real ShareGPT chats (SmolLM2-135M-shaped model);
 # 4. a short trainer=fsdp run with LoRA on one GPU (--cpu: trainer=ddp_cpu; Lightning runs FSDP on GPUs only).
 # A step that fails or runs past its time limit is reported and the next one runs; the exit status counts failures.
@@ -74,7 +74,7 @@ step() {  # step TITLE LIMIT_S COMMAND...: run it, time it, append its output's 
 if [ "$mode" = gpu ]; then
     bench=(--model random_smollm2_135m:2048 random_llama_1b:2048 --steps 3 --warmup 1)
     windows=(--model random_smollm2_135m:2048 --steps 3 --warmup 1 --kinds full --windows 4 8)
-    packed=(--model random_smollm2_135m:2048 --steps 3 --warmup 1 --kinds full --rows 2000)
+    packed=(--model random_smollm2_135m:2048 --steps 3 --warmup 1 --kinds full --rows 2000 --padding-free pairs chats)
     model=(model=random_smollm2_135m "model.tokenizer=$tokenizer")
     data=(data=file $chats data.format=sharegpt data.max_length=2048 data.val_size=32)
     train=(trainer=gpu trainer.max_steps=20)
@@ -84,7 +84,7 @@ else
     # the plumbing
     bench=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --windows 2 --no-memory)
     windows=()
-    packed=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --rows 200 --no-memory)
+    packed=(--model tiny_llama:64 --steps 1 --warmup 0 --kinds full --rows 200 --no-memory --padding-free pairs)
     model=(model=tiny_llama)
     data=(data=file data.path=tests/fixtures/tiny_sft.jsonl data.format=prompt_completion data.val_size=8)
     train=(trainer=cpu trainer.precision=bf16-mixed trainer.max_steps=3)
@@ -99,8 +99,8 @@ if [ ${#windows[@]} -gt 0 ]; then
     step "bench_step windows, bf16-mixed" 300 "$python" -m scripts.bench_step "${windows[@]}" \
         --precision bf16-mixed --override "${model[@]:1}" --write "$work/bench_windows.md"
 fi
-step "bench_step padding-free, bf16-mixed" 300 "$python" -m scripts.bench_step "${packed[@]}" --padding-free pairs chats \
-    --sharegpt "$sharegpt" --precision bf16-mixed --override "${model[@]:1}" --write "$work/bench_padding_free.md"
+step "bench_step padding-free, bf16-mixed" 300 "$python" -m scripts.bench_step "${packed[@]}" --sharegpt "$sharegpt" \
+    --precision bf16-mixed --override "${model[@]:1}" --write "$work/bench_padding_free.md"
 step "Q-Tuning, ${train[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${train[@]}" "${common[@]}" \
     "hydra.run.dir=$work/qtuning"
 step "LoRA, ${sharded[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${sharded[@]}" "${common[@]}" \
