@@ -21,7 +21,7 @@ from qtuning.module import SFTModule
 from qtuning.ops import BatchStats, Layout
 from qtuning.ops.layout import balanced_bins, packed_rows, packing_leak, packing_problem
 from qtuning.train import train
-from tests.conftest import add_callbacks
+from tests.conftest import add_callbacks, run_cli, tiny_cli_args
 
 LENGTHS = [5, 40, 12, 64, 3, 30, 20, 50]  # tokens of each sample of the batch
 PROMPTS = [2, 10, 4, 20, 1, 8, 6, 15]  # of which the prompt (label −100)
@@ -224,3 +224,20 @@ def test_a_short_packed_run_logs_the_padded_losses_over_fewer_positions(tiny_cfg
 def test_a_padding_free_value_that_is_not_a_choice_is_one_clear_error(tiny_cfg):
     with pytest.raises(QTuningError, match="data.padding_free='yes' must be true, false or auto$"):
         train(tiny_cfg("data.padding_free=yes"))
+
+
+@pytest.mark.slow  # a run of two processes
+def test_two_processes_packed_train_as_one_padded_process(tmp_path):
+    """One decision over both processes' rows (window scope, 2 × 4 rows), passes packed, against one process of 8 rows
+    with padded passes: the same kept samples, logged losses and final weights."""
+    from tests import test_window as window
+
+    data = varied_pairs(tmp_path / "varied.jsonl", rows=48)  # 40 training rows: 5 windows of 8
+    shared = [*window.BUDGETS["s50"], window.WINDOW, f"data.path={data}", "data.max_length=160"]
+    padded = window.train_in_process(tmp_path / "padded", *shared, "data.batch_size=8", "data.padding_free=false")
+    run_dir = tmp_path / "packed"
+    args = tiny_cli_args(run_dir, *window.STEPS, *shared, "trainer=ddp_cpu", "data.batch_size=4",
+                         "data.padding_free=true", *window.record(run_dir))  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    window.assert_same_steps(window.recorded(run_dir, world=2), padded)
