@@ -22,7 +22,7 @@ train: setup
 	$(OFFLINE) $(BIN)/python -m qtuning.train $(ARGS)
 
 test: setup
-	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --dist worksteal  # long tests do not leave one worker idle at the end
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -n 2
 
 lint: setup
 	$(BIN)/ruff check .
