@@ -318,7 +318,8 @@ class SFTModule(LightningModule):
             run = self.layout.rows(batch, rows)
             stats = run.sample_stats(scoring_forward(self.model, run.inputs), sample_idx[rows])
             # a policy's own extra pass (FastV's attention, Rho-1's reference model) reads the right-padded rows
-            parts.append(self.policy.enrich(self.model, select_rows(batch, rows), stats))
+            padded = select_rows(batch, rows) if self.layout.packed else run.inputs
+            parts.append(self.policy.enrich(self.model, padded, stats))
             positions += run.positions_run
         return Scored(parts[0] if len(parts) == 1 else concat_stats(parts), None, None, positions)
 
