@@ -4,11 +4,12 @@ CSV runs keep the scalars and skip the media."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 
 import torch
 
 from qtuning.dashboard import eu_plane_figure, figure_image, pruned_example_html
-from qtuning.loggers import offline_history_keys
+from qtuning.loggers import offline_history_keys, read_offline_run
 from qtuning.train import train
 
 DASHBOARD_KEYS = {
@@ -18,15 +19,20 @@ DASHBOARD_KEYS = {
 
 
 def test_wandb_run_gets_scalars_images_tables_and_html(tiny_cfg, tmp_path, monkeypatch):
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = tiny_cfg(
         "pruner=qtuning", "budget=s50_t70", "data.batch_size=8", "trainer.max_steps=2", "logger=wandb",
         "callbacks=default", "callbacks.dashboard.plot_every_n_steps=1",
     )  # fmt: skip
     train(cfg)
+    wandb.teardown()  # wandb-core may close (flush) the run file after finish() returns; teardown waits for it
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    keys = offline_history_keys(next(run_dir.glob("run-*.wandb")))
-    assert DASHBOARD_KEYS <= keys
+    run_file = next(run_dir.glob("run-*.wandb"))
+    keys = offline_history_keys(run_file)
+    records = Counter(r.WhichOneof("record_type") for r in read_offline_run(run_file))
+    assert DASHBOARD_KEYS <= keys, f"{run_file}: {run_file.stat().st_size} bytes, records {dict(records)}"
     assert {"prune/eu_plane", "prune/eu_points", "prune/pruned_examples"} <= keys
     media = run_dir / "files" / "media"
     assert len(list(media.glob("images/prune/eu_plane_*.png"))) == 2
