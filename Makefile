@@ -22,7 +22,7 @@ train: setup
 	$(OFFLINE) $(BIN)/python -m qtuning.train $(ARGS)
 
 test: setup
-	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -n 2
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check .

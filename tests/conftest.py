@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,24 @@ def add_callbacks(mp: pytest.MonkeyPatch, *callbacks: object) -> None:
 def run_cli(*args: str, module: str = "qtuning.train", cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` from the repository root, output captured."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def run_cli_cases(cases: list[tuple[str, list[str]]]) -> list[subprocess.CompletedProcess]:
+    """Each ``(module, args)`` as ``python -m <module> <args>`` would run it, all from one start-up
+    (`tests.cli_cases` forks a child per case): the same status and output, without each case's seconds of imports."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.cli_cases"],
+        input=json.dumps(cases),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [
+        subprocess.CompletedProcess([module, *args], r["returncode"], r["stdout"], r["stderr"])
+        for (module, args), r in zip(cases, json.loads(result.stdout), strict=True)
+    ]
 
 
 def tiny_cli_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -2,12 +2,14 @@
 (out-of-range numbers of every key family among them); ``data.on_bad_row=skip`` training on the good rows; and what
 `check_checkpoint` says of damaged checkpoints.
 
-Each CLI case is one ``python -m qtuning.train`` (seconds of imports); they fail before any model is trained.
+Each CLI case runs as ``python -m qtuning.train`` would, forked from one start-up (`tests.cli_cases`); they fail
+before any model is trained. One case also runs as its own ``python -m qtuning.train``.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from qtuning.errors import QTuningError
 from qtuning.resume import check_checkpoint
-from tests.conftest import TINY_DATA, run_cli, tiny_cli_args
+from tests.conftest import TINY_DATA, run_cli, run_cli_cases, tiny_cli_args
 
 GOOD_ROW = '{"prompt": "What is 1 + 1?", "completion": "2"}'
 
@@ -103,15 +105,44 @@ CASES = [
 ]
 
 
-@pytest.mark.slow
+def bad_file_path(case_dir: Path, bad_file) -> str:
+    """Where a case's bad file is written ("" for a case without one)."""
+    if bad_file is None:
+        return ""
+    name, content = bad_file
+    (case_dir / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(case_dir / name)
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, subprocess.CompletedProcess]]:
+    """Every bad-input and out-of-range command line, run once: case id -> (its bad file's path, the result)."""
+    root = tmp_path_factory.mktemp("cli")
+    paths: dict[str, str] = {}
+    cases: dict[str, tuple[str, list[str]]] = {}
+    for case in CASES:
+        (bad_file, overrides, _), case_dir = case.values, root / case.id
+        case_dir.mkdir()
+        paths[case.id] = bad_file_path(case_dir, bad_file)
+        cases[case.id] = ("qtuning.train", tiny_cli_args(case_dir, *(o.format(path=paths[case.id]) for o in overrides)))
+    for key, (overrides, _) in RANGE_CASES.items():
+        case_dir = root / f"range-{key}"
+        if overrides[0].startswith("eval."):
+            args = ["model=tiny_llama", "logger=none", f"hydra.run.dir={case_dir}", *overrides]
+            cases[f"range-{key}"] = ("qtuning.eval", args)
+        else:
+            keys = {o.split("=")[0] for o in overrides}
+            base = [o for o in tiny_cli_args(case_dir) if o.split("=")[0] not in keys]  # callbacks=default replaces
+            cases[f"range-{key}"] = ("qtuning.train", [*base, *overrides])
+    results = run_cli_cases(list(cases.values()))
+    return {case_id: (paths.get(case_id, ""), result) for case_id, result in zip(cases, results, strict=True)}
+
+
+@pytest.mark.xdist_group("cli")  # one worker runs every case, from one start-up
 @pytest.mark.parametrize(("bad_file", "overrides", "expected"), CASES)
-def test_bad_input_is_one_clear_error_line(tmp_path: Path, bad_file, overrides, expected):
-    path = ""
-    if bad_file is not None:
-        name, content = bad_file
-        path = str(tmp_path / name)
-        Path(path).write_bytes(content if isinstance(content, bytes) else content.encode())
-    errors = error_lines(run_cli(*tiny_cli_args(tmp_path, *(o.format(path=path) for o in overrides))))
+def test_bad_input_is_one_clear_error_line(cli_results, request, bad_file, overrides, expected):
+    path, result = cli_results[request.node.callspec.id]
+    errors = error_lines(result)
     assert len(errors) == 1 and errors[0].startswith(expected.format(path=path)), errors
 
 
@@ -146,18 +177,17 @@ RANGE_CASES = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("cli")
 @pytest.mark.parametrize(("overrides", "expected"), RANGE_CASES.values(), ids=RANGE_CASES.keys())
-def test_a_number_out_of_range_is_one_error_line_naming_the_key(tmp_path: Path, overrides, expected):
-    if overrides[0].startswith("eval."):
-        result = run_cli(
-            "model=tiny_llama", "logger=none", f"hydra.run.dir={tmp_path}", *overrides, module="qtuning.eval"
-        )
-    else:
-        keys = {o.split("=")[0] for o in overrides}
-        args = [o for o in tiny_cli_args(tmp_path) if o.split("=")[0] not in keys]  # callbacks=default replaces =none
-        result = run_cli(*args, *overrides)
+def test_a_number_out_of_range_is_one_error_line_naming_the_key(cli_results, request, overrides, expected):
+    _, result = cli_results[f"range-{request.node.callspec.id}"]
     assert error_lines(result) == [f"error: {expected}"]
+
+
+@pytest.mark.slow  # its own start-up: python -m qtuning.train itself, not a forked case
+def test_the_module_entry_point_gives_the_same_one_line(tmp_path: Path):
+    errors = error_lines(run_cli(*tiny_cli_args(tmp_path, "trainer.max_stepz=3")))
+    assert len(errors) == 1 and errors[0].startswith("error: Could not override 'trainer.max_stepz'"), errors
 
 
 @pytest.mark.slow

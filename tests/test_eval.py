@@ -16,7 +16,7 @@ from qtuning.eval import call_groups, flatten_results, merged_for_eval
 from qtuning.models import build_random_llama
 from qtuning.models.build import apply_lora
 from qtuning.train import train
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import FIXTURES, ROOT, run_cli_cases
 
 EVAL_FIXTURES = FIXTURES / "eval"
 
@@ -118,19 +118,20 @@ def test_eval_multirun_runs_every_job(tmp_path):
         assert (accuracy * limit) == pytest.approx(round(accuracy * limit))  # a count of correct documents of `limit`
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["eval.tasks=[arc_easy,mmlu]"], r"error: .*eval\.tasks.*mmlu"),
-        (["eval=arc", "eval.data_dir=/nonexistent"], r"error: eval\.data_dir=/nonexistent: not a directory"),
-        (["checkpoint=/nonexistent/run"], r"error: checkpoint=/nonexistent/run"),
-    ],
-)
-@pytest.mark.slow
-def test_eval_cli_bad_input_is_one_line(tmp_path, args, message):
-    result = run_eval_cli(tmp_path, *args)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
+EVAL_BAD_INPUT = {
+    "unknown-task": (["eval.tasks=[arc_easy,mmlu]"], r"error: .*eval\.tasks.*mmlu"),
+    "missing-dir": (["eval=arc", "eval.data_dir=/nonexistent"], r"error: eval\.data_dir=/nonexistent: not a directory"),
+    "missing-checkpoint": (["checkpoint=/nonexistent/run"], r"error: checkpoint=/nonexistent/run"),
+}
+
+
+@pytest.mark.slow  # one start-up, each case forked from it (tests.cli_cases)
+def test_eval_cli_bad_input_is_one_line(tmp_path):
+    base = ["model=tiny_llama", "logger=none"]
+    cases = [("qtuning.eval", [*base, f"hydra.run.dir={tmp_path / k}", *a]) for k, (a, _) in EVAL_BAD_INPUT.items()]
+    for (case, (_, message)), result in zip(EVAL_BAD_INPUT.items(), run_cli_cases(cases), strict=True):
+        assert result.returncode == 2, (case, result.stderr[-3000:])
+        assert re.search(message, result.stderr) and "Traceback" not in result.stderr, (case, result.stderr[-3000:])
 
 
 def test_train_rejects_unknown_eval_task_before_training(tiny_cfg):

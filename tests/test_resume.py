@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from qtuning import TOKEN_TOTALS
 from tests.conftest import ROOT, TINY_OVERRIDES
 
-pytestmark = pytest.mark.slow  # subprocess runs
+# subprocess runs; one worker runs them all, so that the uninterrupted reference runs are made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
 # 40 training rows in batches of 4: 10 steps an epoch, so 14 steps cross an epoch boundary.
 RUN = [
