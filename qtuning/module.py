@@ -13,8 +13,12 @@ Each training batch holds the rows of one decision (`StepScope`): a micro-batch 
 4. the optimizer step: the gradients of ``Σ ce·w`` divided by the step's loss tokens ``Σ w`` over all devices
    (`StepSums`, `gradient_scale`), clipped, stepped. Under ``local`` and ``global`` scope backward, accumulation,
    clipping and stepping are Lightning's (automatic optimization); a ``window`` is trained here (manual optimization),
-   its gradients synchronised across devices at its last backward pass only, which a device whose passes were all
-   non-finite still joins with a zero gradient.
+   its gradients synchronised across devices at its last backward pass only.
+
+A pass whose backward synchronises the devices (the last of a step; under FSDP2, `qtuning.sharding`, every one) is
+trained by every device or skipped by every device: its loss's finiteness is agreed first, and a skipped pass's
+stand-in (a loss of 0) still joins the synchronisation. ``max_bad_steps`` is agreed too, so that no device is left
+waiting for one that stopped.
 
 Every pass (scoring, training, validation) lays out its rows through `Layout` (right-padded, or packed under
 ``data.padding_free``); its statistics and losses come back in the samples' own layout, so that steps 2 to 4 read the
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -45,10 +49,13 @@ from qtuning.ops import (
     BatchStats,
     Layout,
     PassRows,
+    any_device,
     concat_stats,
     final_hidden_states,
+    finite_on_every_device,
     gather_stats,
     length_groups,
+    most_on_any_device,
     output_head,
     packing_problem,
     scoring_forward,
@@ -59,6 +66,7 @@ from qtuning.ops import (
 )
 from qtuning.pruning import PruneDecision, PruningPolicy
 from qtuning.resume import NonFiniteLossError
+from qtuning.sharding import is_sharded, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,7 @@ class StepTotals:
     forward_positions: int
     backward_positions: int
     response_tokens: int
+    passes: int  # the training passes that were not skipped
 
 
 class StepSums:
@@ -147,6 +156,7 @@ class StepSums:
         self.forward_positions = 0
         self.backward_positions = 0
         self.response_tokens = 0
+        self.passes = 0
         self.input_tokens = 0  # the non-pad tokens of the training batches (for tokens/s)
         self.started: float | None = None  # when the step's first training batch began
 
@@ -165,13 +175,15 @@ class StepSums:
         self.forward_positions += trained.forward_positions
         self.backward_positions += trained.backward_positions
         self.response_tokens += trained.response_tokens(batch)
+        self.passes += 1
 
     def reduce(self, strategy: Any, device: torch.device) -> StepTotals:
         """The sums of every device (a sum all-reduce)."""
         loss_sum = strategy.reduce(self.loss_sum.to(device, copy=True), reduce_op="sum")
         loss_tokens = strategy.reduce(self.loss_tokens.to(device, copy=True), reduce_op="sum")
         nll_sum = strategy.reduce(self.nll_sum.to(device, copy=True), reduce_op="sum")
-        counts = torch.tensor([self.forward_positions, self.backward_positions, self.response_tokens], device=device)
+        counts = [self.forward_positions, self.backward_positions, self.response_tokens, self.passes]
+        counts = torch.tensor(counts, device=device)
         return StepTotals(loss_sum, loss_tokens, nll_sum, *strategy.reduce(counts, reduce_op="sum").tolist())
 
     def seconds(self) -> float:
@@ -248,6 +260,17 @@ class SFTModule(LightningModule):
 
     # ---- training: one decision's rows per batch --------------------------------------------------------------
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp2``: shard the model on the data-parallel mesh (`shard_model`), once."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"], self.trainer.precision)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether every forward and backward pass is a collective (FSDP2): every device then runs as many training
+        passes as the others, and they agree on each pass's finiteness."""
+        return is_sharded(self.model) and world_size() > 1
+
     def on_fit_start(self) -> None:
         self.check_layout()
 
@@ -272,8 +295,9 @@ class SFTModule(LightningModule):
         """Score, decide, train the kept rows (and, for a window the module trains itself, step the optimizer).
 
         Returns what the step made, for callbacks (`on_train_batch_end`'s ``outputs``): ``loss``, ``stats`` ``[W,
-        T-1]``, ``decision`` and ``row_losses`` (``[K]`` sample_idx, ``[K]`` mean loss of each kept row); None when
-        every training pass had a non-finite loss.
+        T-1]``, ``decision`` and ``row_losses`` (``[K]`` sample_idx, ``[K]`` mean loss of each kept row). When every
+        training pass was skipped (a non-finite loss here or on another device): only a ``loss`` of 0 under automatic
+        optimization, None under manual.
         """
         self.sums.start()
         scored = self.score(batch)
@@ -282,10 +306,13 @@ class SFTModule(LightningModule):
         self.sums.add_batch(batch, scored)
         forward = scored.positions + sum(p.forward_positions for p in passes)
         self.log_decision(scored.stats, decision, forward, sum(p.backward_positions for p in passes))
+        self.stop_after_too_many_bad_steps()
         if self.scope.manual:
             self.step_optimizer()
         if not passes:
-            return None
+            # Lightning refuses a skipped step under DDP: a loss of 0 keeps every device in the backward's all-reduce
+            # (and `on_before_optimizer_step` then leaves the weights as they are)
+            return {"loss": self.stand_in_loss(batch, decision)} if self.automatic_optimization else None
         losses = [p.row_losses(batch) for p in passes]
         return {
             # under automatic optimization, Lightning's backward pass (one training pass: a window of one micro-batch)
@@ -336,15 +363,23 @@ class SFTModule(LightningModule):
         else:
             lengths = scored.stats.nonpad_mask.sum(1)  # [W]
             groups = length_groups(decision.sample_keep, lengths, self.scope.micro_batch or len(lengths))
+        if self.sharded:  # a device with fewer passes than another runs passes of no rows (weight 0) to match it
+            groups += [groups[0][:0]] * (most_on_any_device(len(groups), self.device) - len(groups))
         passes = []
         for i, rows in enumerate(groups):
             last = i == len(groups) - 1
             with self.gradient_sync(last):
                 trained = self.train_rows(batch, rows, decision, scored)
-                if not torch.isfinite(trained.loss_sum):
+                # a pass whose backward synchronises the devices (the last; under FSDP2 each one) is trained or
+                # skipped by every device together
+                if last or self.sharded:
+                    finite = finite_on_every_device(trained.loss_sum)
+                else:
+                    finite = bool(torch.isfinite(trained.loss_sum))
+                if not finite:
                     self.skip_nonfinite(batch_idx)
-                    if self.scope.manual and last:  # the other devices wait in this backward's all-reduce
-                        self.manual_backward(zero_for_every_parameter(self.model))
+                    if self.scope.manual and last:  # the window's earlier passes still synchronise their gradients
+                        self.manual_backward(self.stand_in_loss(batch, decision))
                     continue
                 if self.scope.manual:
                     self.manual_backward(trained.loss_sum)
@@ -357,22 +392,35 @@ class SFTModule(LightningModule):
         """The loss over ``rows`` ``[K]`` of ``batch``: from a grad forward over them, or from the shared scoring
         forward over every row (``scored.hidden``).
 
-        No row (a global or window decision may leave a device nothing): one row goes through with weight 0, so the
-        pass contributes 0 and every device still joins the gradient all-reduce.
+        No row (a global or window decision may leave a device nothing, or it matches another device's number of
+        passes): one row goes through with weight 0, so the pass contributes 0 and this device still joins the
+        collectives of the others' forward and backward.
         """
+        stand_in = rows.numel() == 0
         if scored is not None and scored.hidden is not None:
             run, hidden, forward = scored.shared, scored.hidden, 0  # [R, L, H]
         else:
-            if rows.numel() == 0:
+            if stand_in:
                 rows = torch.zeros(1, dtype=torch.long, device=rows.device)
             run = self.layout.rows(batch, rows)
             hidden = final_hidden_states(self.model, run.inputs)  # [R, L, H]
             forward = run.positions_run
         weight = decision.token_keep[rows, : run.width - 1].float()  # [K, T'-1]
-        loss_weight = run.positions(self.loss_weight(weight, decision, rows))  # [R, L-1]
+        if stand_in:
+            weight = torch.zeros_like(weight)
+        loss_weight = run.positions(weight if stand_in else self.loss_weight(weight, decision, rows))  # [R, L-1]
         labels, mask = run.inputs["labels"], run.inputs["attention_mask"]
         loss_sum, ce = token_loss(hidden, output_head(self.model), labels, mask, loss_weight)
-        return Trained(loss_sum, run.samples(ce), weight, rows, forward, run.positions_run)
+        kept = slice(0 if stand_in else None)  # a stand-in pass trains no row
+        return Trained(loss_sum, run.samples(ce)[kept], weight[kept], rows[kept], forward, run.positions_run)
+
+    def stand_in_loss(self, batch: Batch, decision: PruneDecision) -> Tensor:
+        """A loss of 0 whose backward reaches every trainable parameter: a skipped pass's stand-in that still joins
+        the gradient synchronisation. Under FSDP2 it comes from a pass of one row with weight 0 (a sharded
+        parameter takes part in a backward only through the model's forward); otherwise from the parameters."""
+        if self.sharded:
+            return self.train_rows(batch, batch["sample_idx"][:0], decision).loss_sum
+        return zero_for_every_parameter(self.model)
 
     @staticmethod
     def loss_weight(weight: Tensor, decision: PruneDecision, rows: Tensor) -> Tensor:
@@ -414,14 +462,20 @@ class SFTModule(LightningModule):
         )
 
     def skip_nonfinite(self, batch_idx: int) -> None:
-        """A non-finite loss: no backward pass, nothing accumulated."""
+        """A non-finite loss (here or, for a pass the devices synchronise in, on another device): no backward pass,
+        nothing accumulated."""
         self.bad_steps += 1
         self.bad_steps_in_a_row += 1
         self.log("train/nonfinite_skipped", float(self.bad_steps), on_step=True, on_epoch=False)
         log.warning("non-finite loss at batch %d: skipped (%d in a row)", batch_idx, self.bad_steps_in_a_row)
-        if self.bad_steps_in_a_row >= self.max_bad_steps:
+
+    def stop_after_too_many_bad_steps(self) -> None:
+        """Past ``max_bad_steps`` non-finite passes in a row on any device, every device stops here together (and
+        `SaveOnInterrupt` saves one checkpoint of the last finite state); one device stopping alone would leave the
+        others waiting in their next collective."""
+        if any_device(self.bad_steps_in_a_row >= self.max_bad_steps, self.device):
             raise NonFiniteLossError(
-                f"max_bad_steps={self.max_bad_steps}: {self.bad_steps_in_a_row} micro-batches in a row had a "
+                f"max_bad_steps={self.max_bad_steps}: {self.max_bad_steps} micro-batches in a row had a "
                 "non-finite loss (lower optimizer.lr, or use model.dtype=fp32); the last finite state is saved"
             )
 
@@ -432,7 +486,10 @@ class SFTModule(LightningModule):
         counts = [round(float(totals.loss_tokens)), totals.forward_positions, totals.backward_positions]
         for key, value in zip(TOKEN_TOTALS, [*counts, totals.response_tokens], strict=True):
             self.token_totals[key] += value
+        if totals.passes == 0:  # every pass of the step was skipped, on every device: the step changes nothing
+            optimizer.zero_grad(set_to_none=True)
         scale = gradient_scale(totals.loss_tokens, self.trainer.accumulate_grad_batches, self.trainer.world_size)
+        scale = float(scale)  # a number: FSDP2's gradients are sharded tensors, which take no plain tensor
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)

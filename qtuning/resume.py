@@ -25,6 +25,7 @@ from qtuning.errors import QTuningError
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part
 
 
 def check_checkpoint(path: str) -> None:
@@ -33,6 +34,9 @@ def check_checkpoint(path: str) -> None:
     The file is loaded as `train` has Lightning load it (``weights_only``: plain containers and tensors, no code),
     memory-mapped so that a large checkpoint costs little here.
     """
+    if Path(path).is_dir():
+        check_sharded_checkpoint(Path(path))
+        return
     if not Path(path).is_file():
         raise QTuningError(f"resume={path}: no such checkpoint file")
     if not zipfile.is_zipfile(path):  # what torch.save writes; a cut-off copy has lost its zip directory at the end
@@ -48,24 +52,48 @@ def check_checkpoint(path: str) -> None:
         raise QTuningError(f"resume={path}: holds weights only (save_weights_only); training cannot resume from it")
 
 
+def check_sharded_checkpoint(path: Path) -> None:
+    """A sharded checkpoint (``trainer=fsdp2``) is a directory: torch distributed checkpoint's ``.metadata`` and
+    shards, with the model and optimizer states, and Lightning's ``meta.pt`` with the rest."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / SHARDED_META).is_file() or not (path / ".metadata").is_file():
+        raise QTuningError(f"resume={path}: a directory, but not a sharded checkpoint (no {SHARDED_META}, .metadata)")
+    try:
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        checkpoint_meta(path)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {str(err).strip()}".splitlines()[0].split(". ")[0]
+        raise QTuningError(f"resume={path}: cannot load it as a sharded checkpoint ({reason})") from None
+    if not any(key.startswith("optimizer_") for key in keys):
+        raise QTuningError(f"resume={path}: holds weights only; training cannot resume from it")
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds besides the weights and optimizer states (step, loops, callbacks' states): the whole
+    file, or a sharded checkpoint's ``meta.pt``."""
+    path = Path(path)
+    return torch.load(path / SHARDED_META if path.is_dir() else path, map_location="cpu", weights_only=True)
+
+
 class NonFiniteLossError(QTuningError):
     """Too many steps in a row with a non-finite loss (``max_bad_steps``)."""
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
     """The checkpoint to resume from: ``auto`` → ``checkpoint_dir/last.ckpt`` if it exists (else a fresh start), a
-    path → that file (which must exist), None → a fresh start."""
+    path → that checkpoint (which must exist), None → a fresh start."""
     if resume is None:
         return None
     if resume == "auto":
         last = checkpoint_dir / LAST
-        if last.is_file():
+        if last.exists():  # a file, or a directory of shards
             log.info("resume=auto: continuing from %s", last)
             return str(last)
         log.info("resume=auto: no %s yet, starting from scratch", last)
         return None
-    if not Path(resume).is_file():
-        raise QTuningError(f"resume={resume}: no such checkpoint file (resume=auto picks {checkpoint_dir / LAST})")
+    if not Path(resume).exists():
+        raise QTuningError(f"resume={resume}: no such checkpoint (resume=auto picks {checkpoint_dir / LAST})")
     return resume
 
 

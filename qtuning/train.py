@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qtuning.config import check_config, config_dir, instantiate_key, optimizer_factory
 from qtuning.data.plan import EpochPlanner
-from qtuning.errors import exit_on_bad_input, run_cli
+from qtuning.errors import QTuningError, exit_on_bad_input, run_cli
 from qtuning.eval import check_eval, evaluate, log_to_loggers
 from qtuning.loggers import build_loggers, describe_wandb, finish_wandb
 from qtuning.models import build_model, build_tokenizer
@@ -27,6 +27,7 @@ from qtuning.ops import Layout
 from qtuning.outputs import save_hf_model, write_atomic
 from qtuning.pruning import PruningPolicy
 from qtuning.resume import SaveOnInterrupt, check_checkpoint, resolve_resume
+from qtuning.sharding import FSDP2Strategy, full_state_dict, is_sharded
 
 log = logging.getLogger("qtuning.train")
 
@@ -43,6 +44,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if resume_from:
         check_checkpoint(resume_from)  # a damaged file fails now, not after the data and the model are loaded
     if cfg.get("eval"):  # unknown tasks or missing evaluation data fail now, not after training
+        if OmegaConf.select(cfg, "trainer.strategy._target_") == f"{FSDP2Strategy.__module__}.FSDP2Strategy":
+            raise QTuningError(
+                "eval under trainer=fsdp2: rank 0 alone cannot run a sharded model; set eval=null and evaluate "
+                "hf_model/ afterwards with python -m qtuning.eval checkpoint=<run dir>"
+            )
         check_eval(cfg.eval, cfg.paths.cache_dir)
 
     tokenizer = build_tokenizer(cfg.model, cfg.paths.cache_dir)
@@ -98,9 +104,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         finish_wandb(loggers)  # one W&B run per job, also when a multirun runs its jobs in one process
     metrics["runtime_s"] = time.time() - started
 
+    # sharded weights (trainer=fsdp2) are gathered by every process, for rank 0 to write
+    full_weights = full_state_dict(model) if cfg.save_model and is_sharded(model) else None
     if trainer.is_global_zero:
         if cfg.save_model:
-            save_hf_model(model, tokenizer, output_dir / "hf_model")
+            save_hf_model(model, tokenizer, output_dir / "hf_model", full_weights)
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     objects = {
         "cfg": cfg,

@@ -14,7 +14,8 @@
 #    then right-padded against packed passes (data.padding_free) on batches of 8 real ShareGPT pairs and chats at
 #    2,048 tokens (SmolLM2-135M-shaped; --cpu: tiny shapes, 200 pairs);
 # 3. 20 steps of trainer=gpu Q-Tuning on real ShareGPT chats (SmolLM2-135M-shaped model);
-# 4. a short trainer=fsdp run with LoRA on one GPU (--cpu: trainer=ddp_cpu; Lightning runs FSDP on GPUs only).
+# 4. short sharded runs with LoRA on one GPU: trainer=fsdp2 (FSDP2; a world of 1 still wraps and checkpoints) and
+#    trainer=fsdp (FSDP1) (--cpu: trainer=fsdp2_cpu on 2 processes; Lightning runs FSDP1 on GPUs only).
 # A step that fails or runs past its time limit is reported and the next one runs; the exit status counts failures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +79,8 @@ if [ "$mode" = gpu ]; then
     model=(model=random_smollm2_135m "model.tokenizer=$tokenizer")
     data=(data=file $chats data.format=sharegpt data.max_length=2048 data.val_size=32)
     train=(trainer=gpu trainer.max_steps=20)
-    sharded=(trainer=fsdp trainer.devices=1 trainer.max_steps=5 model.lora.enabled=true)
+    sharded=(trainer=fsdp2 trainer.devices=1 trainer.max_steps=5 model.lora.enabled=true)
+    fsdp1=(trainer=fsdp trainer.devices=1 trainer.max_steps=5 model.lora.enabled=true)
 else
     # one benchmark run with the window modes at tiny shapes, times only (a memory probe is a fresh process per mode):
     # the plumbing
@@ -88,7 +90,8 @@ else
     model=(model=tiny_llama)
     data=(data=file data.path=tests/fixtures/tiny_sft.jsonl data.format=prompt_completion data.val_size=8)
     train=(trainer=cpu trainer.precision=bf16-mixed trainer.max_steps=3)
-    sharded=(trainer=ddp_cpu trainer.precision=bf16-mixed trainer.max_steps=2 model.lora.enabled=true)
+    sharded=(trainer=fsdp2_cpu trainer.precision=bf16-mixed trainer.max_steps=2 model.lora.enabled=true)
+    fsdp1=()
 fi
 common=(logger=csv trainer.enable_progress_bar=false)
 
@@ -105,6 +108,10 @@ step "Q-Tuning, ${train[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${dat
     "hydra.run.dir=$work/qtuning"
 step "LoRA, ${sharded[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${sharded[@]}" "${common[@]}" \
     "hydra.run.dir=$work/sharded"
+if [ ${#fsdp1[@]} -gt 0 ]; then
+    step "LoRA, ${fsdp1[0]}" 180 "$python" -m qtuning.train "${model[@]}" "${data[@]}" "${fsdp1[@]}" "${common[@]}" \
+        "hydra.run.dir=$work/fsdp1"
+fi
 
 device=$("$python" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
 versions=$("$python" -c "import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in ('torch', 'lightning', 'transformers', 'peft', 'hydra-core')))")
@@ -125,7 +132,7 @@ versions=$("$python" -c "import importlib.metadata as m; print(', '.join(f'{p} {
             echo
         fi
     done
-    for run in qtuning sharded; do
+    for run in qtuning sharded fsdp1; do
         [ -f "$work/$run/metrics.json" ] && { echo "\`$run\` metrics.json:"; echo '```'; cat "$work/$run/metrics.json"; echo '```'; echo; }
     done
     cat "$work/sections.md"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,9 +112,22 @@ def add_callbacks(mp: pytest.MonkeyPatch, *callbacks: object) -> None:
     mp.setattr(train_module, "instantiate_key", with_callbacks)
 
 
-def run_cli(*args: str, module: str = "qtuning.train", cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m <module> <args>`` from the repository root, output captured."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_cli(
+    *args: str, module: str = "qtuning.train", cwd: Path = ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` from the repository root, output captured. Past ``timeout`` seconds the whole
+    process group (the processes a multi-process run launched too) is killed and the test fails saying so."""
+    command = [sys.executable, "-m", module, *args]
+    with subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"still running after {timeout} s, killed: {' '.join(args)}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_cli_cases(cases: list[tuple[str, list[str]]]) -> list[subprocess.CompletedProcess]:
@@ -130,6 +146,34 @@ def run_cli_cases(cases: list[tuple[str, list[str]]]) -> list[subprocess.Complet
         subprocess.CompletedProcess([module, *args], r["returncode"], r["stdout"], r["stderr"])
         for (module, args), r in zip(cases, json.loads(result.stdout), strict=True)
     ]
+
+
+def run_on_two_ranks(jobs: list[tuple[Path, list[str]]], timeout: float = 600) -> None:
+    """Each ``(run_dir, overrides)`` trained by two processes started together (`tests.ranks`), one job after the
+    other; past ``timeout`` seconds both are killed and the test fails."""
+    jobs_file = jobs[0][0].parent / "jobs.json"
+    jobs_file.write_text(json.dumps([{"dir": str(d), "overrides": o} for d, o in jobs]))
+    with socket.socket() as probe:  # a free port for the process group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tests.ranks"]
+    processes = [
+        subprocess.Popen([*command, str(rank), str(port), str(jobs_file)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank in range(2)
+    ]  # fmt: skip
+    deadline = time.monotonic() + timeout
+    errors = []
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                os.killpg(other.pid, signal.SIGKILL)
+            pytest.fail(f"two ranks still running after {timeout} s, killed: {[o for _, o in jobs]}")
+        if process.returncode != 0:
+            errors.append(stderr[-3000:])
+    assert not errors, errors
 
 
 def tiny_cli_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -9,9 +9,14 @@ import signal
 
 import torch
 from lightning.pytorch import Callback
+from torch.distributed.tensor import DTensor
 
 from qtuning.pruning import NoPruning, QTuningPolicy
 from qtuning.reached import kept_rows
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if isinstance(param, DTensor) else param
 
 
 class SignalAtStep(Callback):
@@ -47,27 +52,34 @@ class SignalAtBackward(Callback):
 
 class RecordSteps(Callback):
     """Records, each optimizer step (one training batch, no accumulation by Lightning), the ``sample_idx`` of the rows
-    this process kept and the logged ``train/loss``; at the end of training saves them with the final trainable
-    weights to ``<dirpath>/steps_rank<r>.pt``."""
+    this process kept and of those it trained (a skipped pass trains none), and the logged ``train/loss``; at the end
+    of training saves them with the final trainable weights to ``<dirpath>/steps_rank<r>.pt``."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
         self.kept: list[list[int]] = []
+        self.trained: list[list[int]] = []
         self.losses: list[float] = []
         self.decisions: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not outputs:  # every micro-batch of the window had a non-finite loss here (manual optimization: {})
+        if not outputs or "decision" not in outputs:  # every pass of the step was skipped (a non-finite loss)
             self.kept.append([])
+            self.trained.append([])
         else:
             self.kept.append(kept_rows(outputs["stats"], outputs["decision"]))
+            self.trained.append(sorted(outputs["row_losses"][0].tolist()))  # the rows of the passes not skipped
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
         metrics = trainer.callback_metrics  # Q-Tuning's: the rows its decision covered (every process's) and kept
-        self.decisions.append((float(metrics["prune/decision_rows"]), float(metrics["prune/decision_keep"])))
+        if "prune/decision_rows" in metrics:
+            self.decisions.append((float(metrics["prune/decision_rows"]), float(metrics["prune/decision_keep"])))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        weights = {k: p.detach().clone() for k, p in pl_module.model.named_parameters() if p.requires_grad}
-        record = {"kept": self.kept, "losses": self.losses, "decisions": self.decisions, "weights": weights}
+        # sharded parameters (FSDP2) are gathered whole, by every process
+        weights = {k: full_tensor(p).detach().clone() for k, p in pl_module.model.named_parameters() if p.requires_grad}
+        sharded = any(isinstance(p, DTensor) for p in pl_module.model.parameters())
+        record = {"kept": self.kept, "trained": self.trained, "losses": self.losses, "decisions": self.decisions,
+                  "weights": weights, "sharded": sharded}  # fmt: skip
         torch.save(record, os.path.join(self.dirpath, f"steps_rank{trainer.global_rank}.pt"))
 
 

@@ -98,6 +98,12 @@ CASES = [
     ),
     pytest.param(
         None,
+        ["trainer=fsdp2_cpu", "eval=arc"],
+        "error: eval under trainer=fsdp2: rank 0 alone cannot run a sharded model",
+        id="eval-under-fsdp2",
+    ),
+    pytest.param(
+        None,
         ["data.on_bad_row=ignore"],
         "error: data.on_bad_row='ignore' must be one of error, skip",
         id="bad-on_bad_row",
@@ -114,7 +120,7 @@ def bad_file_path(case_dir: Path, bad_file) -> str:
     return str(case_dir / name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # its xdist group may be split by other modules' tests
 def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, subprocess.CompletedProcess]]:
     """Every bad-input and out-of-range command line, run once: case id -> (its bad file's path, the result)."""
     root = tmp_path_factory.mktemp("cli")
@@ -232,3 +238,11 @@ def test_check_checkpoint_says_what_is_wrong(tmp_path: Path, saved, cut, expecte
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(QTuningError, match=re.escape(f"resume={path}: {expected}")):
         check_checkpoint(str(path))
+
+
+def test_check_checkpoint_says_what_a_directory_lacks(tmp_path: Path):
+    (tmp_path / "last.ckpt").mkdir()
+    with pytest.raises(
+        QTuningError, match=re.escape("a directory, but not a sharded checkpoint (no meta.pt, .metadata)")
+    ):
+        check_checkpoint(str(tmp_path / "last.ckpt"))

@@ -72,7 +72,7 @@ def signal_at(step: int, name: str) -> list[str]:
             f"+callbacks.signal.signal_name={name}"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # its xdist group may be split by other modules' tests
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dirs = {}
     for name, policy in POLICIES.items():

@@ -6,7 +6,13 @@ Imports run one way: the module, the policies (`qtuning.pruning`) and the evalua
 theirs.
 """
 
-from qtuning.ops.distributed import gather_stats, world_size
+from qtuning.ops.distributed import (
+    any_device,
+    finite_on_every_device,
+    gather_stats,
+    most_on_any_device,
+    world_size,
+)
 from qtuning.ops.layout import Layout, PassRows, packing_problem
 from qtuning.ops.loss import OutputHead, token_loss
 from qtuning.ops.passes import (
@@ -26,11 +32,14 @@ __all__ = [
     "Layout",
     "PassRows",
     "OutputHead",
+    "any_device",
     "base_model",
     "concat_stats",
     "final_hidden_states",
+    "finite_on_every_device",
     "gather_stats",
     "length_groups",
+    "most_on_any_device",
     "output_head",
     "packing_problem",
     "scoring_forward",

@@ -40,3 +40,26 @@ def gather_stats(stats: BatchStats) -> tuple[BatchStats, int]:
     fields = ("response_mask", "nonpad_mask", "token_nll", "token_entropy")
     gathered = {name: _gather_rows(getattr(stats, name), rows, longest) for name in fields}
     return BatchStats(**gathered), sum(rows[: dist.get_rank()])
+
+
+def finite_on_every_device(loss: Tensor) -> bool:
+    """Whether ``loss`` is finite here and on every other device (a min all-reduce): the devices then skip a pass
+    together or train it together, and none is left waiting alone in a collective of the backward."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)  # [1]
+    if world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def most_on_any_device(count: int, device: torch.device) -> int:
+    """The largest ``count`` of any device (a max all-reduce)."""
+    if world_size() == 1:
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=device)  # [1]
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def any_device(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any device, so that every device acts on it together."""
+    return bool(most_on_any_device(int(flag), device))
