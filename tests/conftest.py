@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,22 @@ def run_cli_cases(cases: list[tuple[str, list[str]]]) -> list[subprocess.Complet
         subprocess.CompletedProcess([module, *args], r["returncode"], r["stdout"], r["stderr"])
         for (module, args), r in zip(cases, json.loads(result.stdout), strict=True)
     ]
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A directory that ``make`` fills once per test session, whichever xdist worker asks first; a worker that asks
+    meanwhile waits for it (pytest-xdist's documented pattern: a file lock in the workers' shared temporary root)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    target = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"once-{name}"
+    with FileLock(f"{target}.lock"):
+        if not (target / ".made").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            make(target)
+            (target / ".made").touch()
+    return target
 
 
 def run_on_two_ranks(jobs: list[tuple[Path, list[str]]], timeout: float = 600) -> None:

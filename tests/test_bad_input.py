@@ -8,6 +8,7 @@ before any model is trained. One case also runs as its own ``python -m qtuning.t
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from fractions import Fraction
@@ -18,7 +19,7 @@ import torch
 
 from qtuning.errors import QTuningError
 from qtuning.resume import check_checkpoint
-from tests.conftest import TINY_DATA, run_cli, run_cli_cases, tiny_cli_args
+from tests.conftest import TINY_DATA, made_once, run_cli, run_cli_cases, tiny_cli_args
 
 GOOD_ROW = '{"prompt": "What is 1 + 1?", "completion": "2"}'
 
@@ -120,10 +121,19 @@ def bad_file_path(case_dir: Path, bad_file) -> str:
     return str(case_dir / name)
 
 
-@pytest.fixture(scope="session")  # its xdist group may be split by other modules' tests
+@pytest.fixture(scope="session")
 def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, subprocess.CompletedProcess]]:
-    """Every bad-input and out-of-range command line, run once: case id -> (its bad file's path, the result)."""
-    root = tmp_path_factory.mktemp("cli")
+    """Every bad-input and out-of-range command line, run once in the session: case id -> (its bad file's path, the
+    result)."""
+    root = made_once(tmp_path_factory, "cli", run_every_case)
+    saved = json.loads((root / "results.json").read_text())
+    return {
+        case_id: (path, subprocess.CompletedProcess(args, *result)) for case_id, (path, args, result) in saved.items()
+    }
+
+
+def run_every_case(root: Path) -> None:
+    """Writes ``root/results.json``: case id -> (bad file path, args, (returncode, stdout, stderr))."""
     paths: dict[str, str] = {}
     cases: dict[str, tuple[str, list[str]]] = {}
     for case in CASES:
@@ -141,10 +151,14 @@ def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str
             base = [o for o in tiny_cli_args(case_dir) if o.split("=")[0] not in keys]  # callbacks=default replaces
             cases[f"range-{key}"] = ("qtuning.train", [*base, *overrides])
     results = run_cli_cases(list(cases.values()))
-    return {case_id: (paths.get(case_id, ""), result) for case_id, result in zip(cases, results, strict=True)}
+    saved = {
+        case_id: (paths.get(case_id, ""), r.args, (r.returncode, r.stdout, r.stderr))
+        for case_id, r in zip(cases, results, strict=True)
+    }
+    (root / "results.json").write_text(json.dumps(saved))
 
 
-@pytest.mark.xdist_group("cli")  # one worker runs every case, from one start-up
+@pytest.mark.xdist_group("cli")  # on one worker, mostly: the other would wait for the cases (made_once)
 @pytest.mark.parametrize(("bad_file", "overrides", "expected"), CASES)
 def test_bad_input_is_one_clear_error_line(cli_results, request, bad_file, overrides, expected):
     path, result = cli_results[request.node.callspec.id]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qtuning.models import build_model, build_tokenizer
-from tests.conftest import TINY_OVERRIDES, compose_train, run_on_two_ranks
+from tests.conftest import TINY_OVERRIDES, compose_train, made_once, run_on_two_ranks
 from tests.test_resume import POLICIES, assert_same_run, run, signal_at
 from tests.test_window import WINDOW, assert_same_steps, record, recorded
 
@@ -39,9 +39,13 @@ PATHS = {
 TRAINERS = ("ddp_cpu", "fsdp2_cpu")
 
 
-@pytest.fixture(scope="session")  # its xdist group may be split by other modules' tests
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fsdp2")
+    """Every path under each trainer, made once in the session."""
+    return made_once(tmp_path_factory, "fsdp2", run_every_path)
+
+
+def run_every_path(root: Path) -> None:
     reference = root / "reference"  # Rho-1's reference model: a tiny model of another seed
     cfg = compose_train(TINY_OVERRIDES, reference / "compose")
     tokenizer = build_tokenizer(cfg.model, "")
@@ -54,7 +58,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             args = [o.format(reference=reference) for o in overrides]
             jobs.append((run_dir, [*TINY_OVERRIDES, *STEPS, f"trainer={trainer}", *args, *record(run_dir)]))
     run_on_two_ranks(jobs)
-    return root
 
 
 def recorded_run(run_dir: Path) -> dict:
@@ -63,7 +66,7 @@ def recorded_run(run_dir: Path) -> dict:
     return recorded(run_dir, world=2)
 
 
-@pytest.mark.xdist_group("fsdp2")  # the runs are made once
+@pytest.mark.xdist_group("fsdp2")  # on one worker, mostly: the runs are made once (made_once)
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_fsdp2_trains_as_ddp(runs, path):
     ddp, fsdp2 = (recorded_run(runs / f"{path}-{trainer}") for trainer in TRAINERS)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from qtuning import TOKEN_TOTALS
-from tests.conftest import ROOT, TINY_OVERRIDES
+from tests.conftest import ROOT, TINY_OVERRIDES, made_once
 
-# subprocess runs; one worker runs them all, so that the uninterrupted reference runs are made once
+# subprocess runs, on one worker mostly (the uninterrupted reference runs are made once: made_once)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
 # 40 training rows in batches of 4: 10 steps an epoch, so 14 steps cross an epoch boundary.
@@ -72,14 +72,17 @@ def signal_at(step: int, name: str) -> list[str]:
             f"+callbacks.signal.signal_name={name}"]  # fmt: skip
 
 
-@pytest.fixture(scope="session")  # its xdist group may be split by other modules' tests
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    dirs = {}
-    for name, policy in POLICIES.items():
-        dirs[name] = tmp_path_factory.mktemp(f"whole_{name}")
-        result = run(dirs[name], *policy)
-        assert result.returncode == 0, result.stderr[-3000:]
-    return dirs
+    """Each policy's run that was never stopped, made once in the session."""
+
+    def make(root: Path) -> None:
+        for name, policy in POLICIES.items():
+            result = run(root / name, *policy)
+            assert result.returncode == 0, result.stderr[-3000:]
+
+    root = made_once(tmp_path_factory, "uninterrupted", make)
+    return {name: root / name for name in POLICIES}
 
 
 def assert_same_run(resumed: Path, whole: Path) -> None:
