@@ -1,6 +1,7 @@
 """Multi-process training on CPU (trainer=ddp_cpu: 2 processes, gloo) runs every kind of policy to the end, and a
 dataset-level policy's state (InfoBatch's scores and epoch plan) is the same on both ranks, and the token totals are
-those of both ranks together."""
+those of both ranks together. The runs are made by one pair of processes started as torchrun would start them
+(`tests.ranks`); the runs of `tests/test_window.py` and `tests/test_no_hang.py` start theirs through Lightning."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, tiny_cli_args
+from tests.conftest import TINY_OVERRIDES, made_once, run_on_two_ranks
 
-pytestmark = pytest.mark.slow  # subprocess runs
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]  # runs of two processes
 
 CASES = {
     "qtuning-local": ["pruner=qtuning"],
@@ -21,16 +22,30 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case for three epochs, by one pair of processes (`tests.ranks`), made once in the session."""
+
+    def make(root: Path) -> None:
+        jobs = []
+        for case, overrides in CASES.items():
+            run_dir = root / case
+            jobs.append((run_dir, [
+                *TINY_OVERRIDES, *overrides, "trainer=ddp_cpu", "budget=s50_t70", "trainer.max_steps=-1",
+                "trainer.max_epochs=3",
+                "+callbacks.dump._target_=tests.signals.DumpPolicyState", f"+callbacks.dump.dirpath={run_dir}",
+                "+callbacks.sums._target_=tests.signals.SumLoggedPositions", f"+callbacks.sums.dirpath={run_dir}",
+            ]))  # fmt: skip
+        run_on_two_ranks(jobs)
+
+    return made_once(tmp_path_factory, "ddp", make)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_two_cpu_processes_train_to_the_end(tmp_path: Path, case: str):
-    run_dir = tmp_path / "run"
-    result = run_cli(
-        *tiny_cli_args(tmp_path, *CASES[case]),
-        "trainer=ddp_cpu", "budget=s50_t70", "trainer.max_steps=-1", "trainer.max_epochs=3",
-        "+callbacks.dump._target_=tests.signals.DumpPolicyState", f"+callbacks.dump.dirpath={run_dir}",
-        "+callbacks.sums._target_=tests.signals.SumLoggedPositions", f"+callbacks.sums.dirpath={run_dir}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_two_cpu_processes_train_to_the_end(runs: Path, case: str):
+    run_dir = runs / case
+    errors = sorted(run_dir.glob("error_rank*.txt"))
+    assert not errors, errors[0].read_text()[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # the run's totals are over both processes: each rank logged only its own micro-batches
     fwd, bwd = sum(torch.load(run_dir / f"positions_rank{rank}.pt") for rank in (0, 1)).tolist()
