@@ -77,10 +77,10 @@ def test_fsdp2_trains_as_ddp(runs, path):
 
 
 def test_a_killed_fsdp2_run_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
-    """Q-Tuning under trainer=fsdp2_cpu, both processes SIGKILLed at step 8 (back to the sharded checkpoint of step 6,
-    a directory), resumed with resume=auto: the same losses, weights (gathered into hf_model/) and token totals as
-    the run that was never stopped."""
-    sharded = [*POLICIES["qtuning"], "trainer=fsdp2_cpu"]
+    """Q-Tuning under trainer=fsdp2_cpu for 10 steps (2 epochs of 5), both processes SIGKILLed at step 8 (back to the
+    sharded checkpoint of step 6, a directory, in epoch 1), resumed with resume=auto: the same losses, weights
+    (gathered into hf_model/) and token totals as the run that was never stopped."""
+    sharded = [*POLICIES["qtuning"], "trainer=fsdp2_cpu", "trainer.max_steps=10"]
     whole = run(tmp_path / "whole", *sharded)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed_dir = tmp_path / "killed"
@@ -90,7 +90,7 @@ def test_a_killed_fsdp2_run_resumes_from_its_sharded_checkpoint_exactly(tmp_path
     resumed = run(killed_dir, *sharded, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume=auto: continuing from" in resumed.stdout + resumed.stderr
-    assert_same_run(killed_dir, tmp_path / "whole")
+    assert_same_run(killed_dir, tmp_path / "whole", steps=10)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "hf_model")  # the gathered full weights
     for name, weight in load_file(tmp_path / "whole" / "hf_model" / "model.safetensors").items():
         torch.testing.assert_close(exported.state_dict()[name], weight, rtol=0, atol=0)
