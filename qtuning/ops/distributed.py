@@ -43,12 +43,9 @@ def gather_stats(stats: BatchStats) -> tuple[BatchStats, int]:
 
 
 def finite_on_every_device(loss: Tensor) -> bool:
-    """Whether ``loss`` is finite here and on every other device (a min all-reduce): the devices then skip a pass
-    together or train it together, and none is left waiting alone in a collective of the backward."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)  # [1]
-    if world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    """Whether ``loss`` is finite here and on every other device: the devices then skip a pass together or train it
+    together, and none is left waiting alone in a collective of the backward."""
+    return not any_device(not bool(torch.isfinite(loss.detach())), loss.device)
 
 
 def most_on_any_device(count: int, device: torch.device) -> int:
