@@ -3,7 +3,9 @@ is scored, and the matching accuracy compares whole responses, so dropping token
 
 - response NLL per token: ``Σ −log p`` over all response tokens of all held-out pairs ÷ their number;
 - matching accuracy: over fixed (prompt, own response, other response) triples, the share in which the prompt's own
-  response gets the higher mean log-likelihood per token (a tie counts half).
+  response gets the higher mean log-likelihood per token (a tie counts half). The hard-negative variant takes the other
+  response from the pair whose prompt is most like this one (TF-IDF cosine, `nearest_prompts`): the same topic, so
+  the model must tell this answer from a near miss, not from another subject.
 """
 
 from __future__ import annotations
@@ -38,6 +40,20 @@ def matching_accuracy(own: Sequence[Tensor], other: Sequence[Tensor]) -> float:
         mean_a, mean_b = float(a.mean()), float(b.mean())
         wins += 1.0 if mean_a > mean_b else 0.5 if mean_a == mean_b else 0.0
     return wins / len(own)
+
+
+def nearest_prompts(prompts: Sequence[str]) -> list[int]:
+    """For each prompt, the index of the most similar other prompt by TF-IDF cosine (scikit-learn's defaults: lower
+    case, words of two or more characters, smoothed idf, l2-normalised rows); ties go to the lower index, and a prompt
+    with no word in common with any other gets its lowest-index other."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if len(prompts) < 2:
+        raise ValueError(f"{len(prompts)} prompt(s): a nearest other prompt needs at least two")
+    vectors = TfidfVectorizer().fit_transform(prompts)  # [N, words], sparse, rows of unit length
+    similarity = torch.from_numpy((vectors @ vectors.T).toarray())  # [N, N] cosine
+    similarity.fill_diagonal_(-1.0)  # never itself
+    return [int(i) for i in similarity.argmax(dim=1)]  # argmax: the first of equal maxima
 
 
 def response_logprobs(
@@ -78,19 +94,25 @@ def heldout_metrics(
     tokenizer: Any,
     heldout: Sequence[tuple[str, str]],
     matching: Sequence[tuple[str, str, str]],
+    hard_matching: Sequence[tuple[str, str, str]],
     max_length: int,
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """``heldout/nll`` over the ``(prompt, response)`` pairs and ``heldout/match_acc`` over the ``(prompt, own,
-    other)`` triples, with their sizes. Each distinct pair is scored once: a triple's own pair is usually a held-out
-    pair already."""
-    pairs = list(dict.fromkeys([*heldout, *((p, o) for p, o, _ in matching), *((p, x) for p, _, x in matching)]))
+    """``heldout/nll`` over the ``(prompt, response)`` pairs, ``heldout/match_acc`` over the ``(prompt, own, other)``
+    triples and ``heldout/match_hard_acc`` over the hard-negative ones, with their sizes. Each distinct pair is scored
+    once: a triple's own pair is usually a held-out pair already."""
+    triples = [*matching, *hard_matching]
+    pairs = list(dict.fromkeys([*heldout, *((p, o) for p, o, _ in triples), *((p, x) for p, _, x in triples)]))
     scores = dict(zip(pairs, response_logprobs(model, tokenizer, pairs, max_length, batch_size), strict=True))
+
+    def accuracy(of: Sequence[tuple[str, str, str]]) -> float:
+        return matching_accuracy([scores[p, o] for p, o, _ in of], [scores[p, x] for p, _, x in of])
+
     return {
         "heldout/nll": response_nll([scores[pair] for pair in heldout]),
-        "heldout/match_acc": matching_accuracy(
-            [scores[p, o] for p, o, _ in matching], [scores[p, x] for p, _, x in matching]
-        ),
+        "heldout/match_acc": accuracy(matching),
+        "heldout/match_hard_acc": accuracy(hard_matching),
         "heldout/n_pairs": float(len(heldout)),
         "heldout/n_matching": float(len(matching)),
+        "heldout/n_matching_hard": float(len(hard_matching)),
     }

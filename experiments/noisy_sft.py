@@ -11,11 +11,15 @@
    (mismatched: another corrupted row's response; shuffled words; a loop of the first sentence; truncated to 40 % of
    the words; `experiments.corrupt`), each row's ``kind`` recorded in ``train_noisy.jsonl``. ``train_clean.jsonl``
    is the same rows with their own responses (the reference), ``heldout.jsonl`` the clean held-out pairs and
-   ``matching.jsonl`` a (prompt, own, other) triple per held-out pair (other: the next held-out pair's response).
+   ``matching.jsonl`` a (prompt, own, other) triple per held-out pair (other: the next held-out pair's response),
+   ``matching_hard.jsonl`` the same with a hard negative (other: the response of the held-out pair whose prompt is
+   nearest by TF-IDF cosine).
 2. ``run``: for every row × seed (the training order: data shuffle, LoRA init, the random pruners' draws), one
    ``python -m qtuning.train experiment=noisy_sft ... resume=auto`` in ``<out>/jobs/<row>/seed<k>``, then the
    held-out metrics of its adapter (`experiments.heldout`) into ``heldout.json``. A job with ``heldout.json`` is done
-   and skipped; a killed one resumes from its last checkpoint. Row ``base`` scores the untrained model once.
+   and skipped; a killed one resumes from its last checkpoint; a trained one scored before a metric was added is
+   scored again. Row ``base`` scores the untrained model once; row ``random_matched`` runs last, at the response
+   tokens the best Q-Tuning row spent (`matched_budget`).
 3. ``report``: mean ± std over seeds, paired differences (same seed) against Random / Random and full data on the
    noisy set, the fraction of each kind that reached the loss (`qtuning.reached`, from each run's own decisions), a
    plot, and the jobs' wall time.
@@ -51,24 +55,55 @@ MAX_LENGTH = 128
 SEEDS = (1, 2, 3)
 KINDS = ("clean", *NOISE_KINDS)
 # row -> (its name in the report, the overrides of its training job); `full_clean` trains on train_clean.jsonl
-ROWS: dict[str, tuple[str, list[str]]] = {
-    "full_clean": ("Full data, clean set (reference)", ["pruner=none"]),
-    "full_noisy": ("Full data, noisy set", ["pruner=none"]),
-    "random_random": ("Random / Random", ["pruner=combo", "pruner/sample=random", "pruner/token=random"]),
-    "qtuning": ("Q-Tuning (authors' triage)", ["pruner=qtuning"]),
-    "qtuning_robust": ("Q-Tuning (fill_up=rank, ppl_guard=0.25)", ["pruner=qtuning_robust"]),
-    "infobatch_random": ("InfoBatch / Random", ["pruner=combo", "pruner/sample=infobatch", "pruner/token=random"]),
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # in the report
+    overrides: tuple[str, ...]  # of its training jobs
+    reference: str = "random_random"  # the Random / Random row at the same budget, for the paired differences
+
+
+RANDOM = ("pruner=combo", "pruner/sample=random", "pruner/token=random")
+INFOBATCH = ("pruner=combo", "pruner/sample=infobatch", "pruner/token=random")
+PER_SAMPLE = "pruner.token_budget=per_sample"  # each kept Q2 sample keeps ceil(r_token · n) of its tokens
+S50 = "budget=s50_t70"
+MATCHED = "random_matched"  # Random / Random at the best Q-Tuning row's spent response tokens (`matched_budget`)
+# `full_clean` trains on train_clean.jsonl; every row at s25_t50 (conf/experiment/noisy_sft.yaml) unless it says
+ROWS: dict[str, Row] = {
+    "full_clean": Row("Full data, clean set (reference)", ("pruner=none",)),
+    "full_noisy": Row("Full data, noisy set", ("pruner=none",)),
+    "random_random": Row("Random / Random", RANDOM),
+    "qtuning": Row("Q-Tuning (authors' triage)", ("pruner=qtuning",)),
+    "qtuning_robust": Row("Q-Tuning (fill_up=rank, ppl_guard=0.25)", ("pruner=qtuning_robust",)),
+    "infobatch_random": Row("InfoBatch / Random", INFOBATCH),
     # one decision per optimizer step over 4 micro-batches of 8 (32 rows, 8 kept): a quarter of the steps at 4× the
     # batch, so it differs from the row above in the decision's population and in the step count
-    "qtuning_robust_window": (
+    "qtuning_robust_window": Row(
         "Q-Tuning robust, window scope (8 × 4)",
-        ["pruner=qtuning_robust", "pruner.threshold_scope=window", "trainer.accumulate_grad_batches=4"],
+        ("pruner=qtuning_robust", "pruner.threshold_scope=window", "trainer.accumulate_grad_batches=4"),
     ),
+    "qtuning_per_sample": Row("Q-Tuning, per-sample token budget", ("pruner=qtuning", PER_SAMPLE)),
+    "qtuning_robust_per_sample": Row("Q-Tuning robust, per-sample token budget", ("pruner=qtuning_robust", PER_SAMPLE)),
+    "random_random_s50": Row("Random / Random, s50_t70", (*RANDOM, S50), reference="random_random_s50"),
+    "infobatch_random_s50": Row("InfoBatch / Random, s50_t70", (*INFOBATCH, S50), reference="random_random_s50"),
+    "qtuning_per_sample_s50": Row(
+        "Q-Tuning, per-sample token budget, s50_t70", ("pruner=qtuning", PER_SAMPLE, S50), reference="random_random_s50"
+    ),
+    "qtuning_robust_per_sample_s50": Row(
+        "Q-Tuning robust, per-sample token budget, s50_t70",
+        ("pruner=qtuning_robust", PER_SAMPLE, S50),
+        reference="random_random_s50",
+    ),
+    # last: its budget comes from the rows above (`matched_budget`)
+    MATCHED: Row("Random / Random at the best Q-Tuning row's response tokens", RANDOM, reference=MATCHED),
 }
+QTUNING_ROWS = tuple(row for row in ROWS if row.startswith("qtuning"))
 BASE = "base"  # the untrained model, scored once: where training started
 SIZING = Path(__file__).with_name("noisy_sft_sizing.md")  # what the defaults are sized from (the report repeats it)
 
 FILES = ("train_noisy.jsonl", "train_clean.jsonl", "heldout.jsonl", "matching.jsonl")
+HARD = "matching_hard.jsonl"  # derived from heldout.jsonl (`write_hard_matching`), also for data built before it
 
 
 # ---- build ---------------------------------------------------------------------------------------------------------
@@ -102,10 +137,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def build(out: Path, n_train: int, n_heldout: int, noise: float, seed: int) -> None:
-    from qtuning.models import build_tokenizer
-
-    tokenizer = build_tokenizer(model_config(), cache_dir())
-    length = chat_length(tokenizer)
+    length = chat_length(tokenizer())
     pairs = []
     for prompt, response in single_turn_pairs(max_prompt_chars=400, max_response_chars=600):
         if length(prompt, response) <= MAX_LENGTH:
@@ -117,9 +149,30 @@ def build(out: Path, n_train: int, n_heldout: int, noise: float, seed: int) -> N
     data.mkdir(parents=True, exist_ok=True)
     for name, rows in zip(FILES, (split.train, split.clean, split.heldout, split.matching), strict=True):
         write_jsonl(data / name, rows)
+    write_hard_matching(data, cut_to_fit(length, MAX_LENGTH))
     kinds = [row["kind"] for row in split.train]
     print(f"wrote {data}: {n_train} training rows ({', '.join(f'{kinds.count(k)} {k}' for k in KINDS)}), "
           f"{n_heldout} held-out pairs and as many matching triples")  # fmt: skip
+
+
+def write_hard_matching(data: Path, fit: Any) -> None:
+    """``matching_hard.jsonl``: per held-out pair, (prompt, own, other) with ``other`` the response of the held-out
+    pair whose prompt is most like this one (`experiments.heldout.nearest_prompts`), cut to fit as in ``build``."""
+    from experiments.heldout import nearest_prompts
+
+    heldout = read_jsonl(data / "heldout.jsonl", ["prompt", "completion"])
+    nearest = nearest_prompts([row["prompt"] for row in heldout])
+    triples = [
+        {"prompt": row["prompt"], "own": row["completion"], "other": fit(row["prompt"], heldout[j]["completion"])}
+        for row, j in zip(heldout, nearest, strict=True)
+    ]
+    write_jsonl(data / HARD, triples)
+
+
+def tokenizer() -> Any:
+    from qtuning.models import build_tokenizer
+
+    return build_tokenizer(model_config(), cache_dir())
 
 
 def model_config() -> Any:
@@ -163,7 +216,9 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return (self.dir / "heldout.json").exists()
+        """Scored with every metric: a job scored before a metric was added is scored again (not retrained)."""
+        path = self.dir / "heldout.json"
+        return path.exists() and all(metric in json.loads(path.read_text()) for metric, _ in METRICS)
 
 
 def jobs(out: Path, rows: Sequence[str], seeds: Sequence[int]) -> list[Job]:
@@ -174,10 +229,49 @@ def jobs(out: Path, rows: Sequence[str], seeds: Sequence[int]) -> list[Job]:
 
 def train_command(job: Job, data: Path, extra: Sequence[str], resume: bool = True) -> list[str]:
     train_file = data / ("train_clean.jsonl" if job.row == "full_clean" else "train_noisy.jsonl")
+    budget = []
+    if job.row == MATCHED:
+        matched = matched_budget(data.parent)
+        budget = [f"budget.r_sample={matched['r_sample']}", f"budget.r_token={matched['r_token']:.4f}"]
     return [
-        sys.executable, "-m", "qtuning.train", "experiment=noisy_sft", *ROWS[job.row][1], f"seed={job.seed}",
-        f"data.path={train_file}", f"hydra.run.dir={job.dir}", *(["resume=auto"] if resume else []), *extra,
+        sys.executable, "-m", "qtuning.train", "experiment=noisy_sft", *ROWS[job.row].overrides, *budget,
+        f"seed={job.seed}", f"data.path={train_file}", f"hydra.run.dir={job.dir}", *(["resume=auto"] if resume else []),
+        *extra,
     ]  # fmt: skip
+
+
+def matched_budget(out: Path) -> dict[str, Any]:
+    """The token-matched control's budget, chosen once (``<out>/matched_budget.json``) when every Q-Tuning row and
+    full data (noisy) is done for every seed: the Q-Tuning row with the lowest mean held-out NLL, the share of full
+    data's response tokens it spent (the reached table's column), and Random / Random at that row's r_sample with
+    r_token = share / r_sample, which spends as much."""
+    from omegaconf import OmegaConf
+
+    path = out / "matched_budget.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    missing = [job for job in jobs(out, [*QTUNING_ROWS, "full_noisy"], SEEDS) if not job.done]
+    if missing:
+        raise QTuningError(
+            f"{MATCHED} needs every Q-Tuning row and full data (noisy) done first: "
+            f"{missing[0].dir.relative_to(out)} is not ({len(missing)} job(s) left)"
+        )
+    results = load_results(out)
+    best = min(QTUNING_ROWS, key=lambda row: statistics.fmean(by_seed(results, row, "heldout/nll").values()))
+    share = spent_share(results, best)
+    assert share is not None  # full_noisy is done
+    r_sample = float(OmegaConf.load(out / "jobs" / best / f"seed{SEEDS[0]}" / ".hydra" / "config.yaml").budget.r_sample)
+    if share > r_sample:
+        raise QTuningError(f"{best} spent {share:.3f} of full data's response tokens, over its r_sample {r_sample}")
+    matched = {
+        "row": best,
+        "heldout/nll": statistics.fmean(by_seed(results, best, "heldout/nll").values()),
+        "share": share,
+        "r_sample": r_sample,
+        "r_token": share / r_sample,
+    }
+    path.write_text(json.dumps(matched, indent=2) + "\n")
+    return matched
 
 
 def score(job: Job, data: Path) -> dict[str, float]:
@@ -200,10 +294,11 @@ def score(job: Job, data: Path) -> dict[str, float]:
     )
     model, tokenizer = load_for_eval(cfg)
     heldout = [(r["prompt"], r["completion"]) for r in read_jsonl(data / "heldout.jsonl", ["prompt", "completion"])]
-    matching = [
-        (r["prompt"], r["own"], r["other"]) for r in read_jsonl(data / "matching.jsonl", ["prompt", "own", "other"])
-    ]
-    metrics = heldout_metrics(model, tokenizer, heldout, matching, MAX_LENGTH)
+    matching, hard = (
+        [(r["prompt"], r["own"], r["other"]) for r in read_jsonl(data / name, ["prompt", "own", "other"])]
+        for name in ("matching.jsonl", HARD)
+    )
+    metrics = heldout_metrics(model, tokenizer, heldout, matching, hard, MAX_LENGTH)
     return {**metrics, "heldout/runtime_s": time.time() - started}
 
 
@@ -212,6 +307,8 @@ def run(out: Path, rows: Sequence[str], seeds: Sequence[int], extra: Sequence[st
     missing = [name for name in FILES if not (data / name).exists()]
     if missing:
         raise QTuningError(f"{data}: no {missing[0]}; run `python -m experiments.noisy_sft build` first")
+    if not (data / HARD).exists():  # data built before the hard negatives: the same triples `build` writes now
+        write_hard_matching(data, cut_to_fit(chat_length(tokenizer()), MAX_LENGTH))
     todo = [job for job in jobs(out, rows, seeds) if not job.done]
     print(f"{len(todo)} job(s) to run" + "".join(f"\n  {job.dir.relative_to(out)}" for job in todo), flush=True)
     part = time.time()
@@ -292,7 +389,11 @@ def load_results(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return results
 
 
-METRICS = (("heldout/nll", "held-out NLL / token ↓"), ("heldout/match_acc", "matching accuracy ↑"))
+METRICS = (
+    ("heldout/nll", "held-out NLL / token ↓"),
+    ("heldout/match_acc", "matching accuracy ↑"),
+    ("heldout/match_hard_acc", "matching accuracy, hard negatives ↑"),
+)
 
 
 def by_seed(results: dict, row: str, metric: str) -> dict[int, float]:
@@ -303,20 +404,56 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """The main table: every row's metrics (mean ± std over seeds) and their paired differences."""
     head = ["Row", "n"]
     for _, name in METRICS:
-        head += [name, "Δ vs Random / Random", "Δ vs full (noisy)"]
+        head += [name, "Δ vs Random / Random, same budget", "Δ vs full (noisy)"]
     lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in [BASE, *ROWS]:
         if row not in results:
             continue
-        cells = [ROWS[row][0] if row in ROWS else "Base model (no training)", str(len(results[row]))]
+        cells = [row_name(row), str(len(results[row]))]
         for metric, _ in METRICS:
             values = by_seed(results, row, metric)
             cells.append(fmt_spread(*stats(list(values.values()))))
-            for base in ("random_random", "full_noisy"):
+            for base in (ROWS[row].reference if row in ROWS else BASE, "full_noisy"):
                 diff = paired(values, by_seed(results, base, metric)) if row not in (base, BASE) else None
                 cells.append("—" if diff is None else fmt_spread(*diff, sign=True))
         lines.append(markdown_row(cells))
     return lines
+
+
+def row_name(row: str) -> str:
+    return ROWS[row].name if row in ROWS else "Base model (no training)"
+
+
+def spent_share(results: dict[str, dict[int, dict[str, Any]]], row: str) -> float | None:
+    """The row's response tokens in the loss over the run over full data's on the noisy set (means over seeds)."""
+    tokens = "train/response_tokens_total"
+    full = [e["train"][tokens] for e in results.get("full_noisy", {}).values()]
+    entries = results.get(row, {}).values()
+    return statistics.fmean(e["train"][tokens] for e in entries) / statistics.fmean(full) if full and entries else None
+
+
+def matched_section(results: dict[str, dict[int, dict[str, Any]]], out: Path) -> list[str]:
+    """Each metric's paired difference between the best Q-Tuning row and Random / Random at its spent response
+    tokens, when that control has run."""
+    if MATCHED not in results:
+        return []
+    matched = matched_budget(out)
+    best = matched["row"]
+    head = ["Row", "response tokens ÷ full", *(name for _, name in METRICS)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
+    for row in (best, MATCHED):
+        values = [fmt_spread(*stats(list(by_seed(results, row, metric).values()))) for metric, _ in METRICS]
+        lines.append(markdown_row([row_name(row), fmt(spent_share(results, row)), *values]))
+    deltas = [paired(by_seed(results, best, metric), by_seed(results, MATCHED, metric)) for metric, _ in METRICS]
+    cells = ["—" if d is None else fmt_spread(*d, sign=True) for d in deltas]
+    lines.append(markdown_row(["Δ (same seed)", "", *cells]))
+    legend = (
+        f"The best Q-Tuning row by mean held-out NLL, {row_name(best)}, spent {matched['share']:.3f} of full data's "
+        f"response tokens; the control is Random / Random at r_sample {matched['r_sample']:g}, r_token "
+        f"{matched['r_token']:.4f} (= {matched['share']:.3f} / {matched['r_sample']:g}), chosen once when every "
+        "Q-Tuning job was done (`matched_budget.json`). Δ: the Q-Tuning row minus the control, per seed."
+    )
+    return ["## At equal response tokens", "", *lines, "", legend, ""]
 
 
 def markdown_row(cells: Sequence[str]) -> str:
@@ -341,23 +478,20 @@ def reached_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dic
     the run's steps and training time."""
     head = ["Row", *KINDS, "noise ÷ clean", "noise share of the loss", "response tokens ÷ full", "optimizer steps",
             "training s / job"]  # fmt: skip
-    tokens = "train/response_tokens_total"
-    full = [e["train"][tokens] for e in results.get("full_noisy", {}).values()]
     lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in ROWS:
         entries = list(results.get(row, {}).values())
         if not entries:
             continue
         means = kind_means(entries, "reached")
-        cells = [ROWS[row][0], *(fmt(means[kind]) for kind in KINDS)]
+        cells = [row_name(row), *(fmt(means[kind]) for kind in KINDS)]
         noisy = [means[k] for k in NOISE_KINDS if means[k] is not None]
         ratio = statistics.fmean(noisy) / means["clean"] if noisy and means["clean"] else None
         cells.append(fmt(ratio, 2))
         learnt = sample_epochs(means, kind_sizes)
         total = sum(learnt.values())
         cells.append(fmt(sum(learnt.get(k, 0.0) for k in NOISE_KINDS) / total if total else None, 2))
-        learnt_tokens = statistics.fmean(e["train"][tokens] for e in entries)
-        cells.append(fmt(learnt_tokens / statistics.fmean(full) if full else None, 3))
+        cells.append(fmt(spent_share(results, row), 3))
         cells.append(fmt(statistics.fmean(e["train"]["trainer/global_step"] for e in entries), 0))
         cells.append(fmt(statistics.fmean(e["train"]["runtime_s"] for e in entries), 0))
         lines.append(markdown_row(cells))
@@ -376,7 +510,7 @@ def kept_table(results: dict[str, dict[int, dict[str, Any]]], kind_sizes: dict[s
         means = kind_means(entries, "kept")
         kept = sum(sample_epochs(means, kind_sizes).values())
         reached = sum(sample_epochs(kind_means(entries, "reached"), kind_sizes).values())
-        cells = [ROWS[row][0], *(fmt(means[kind]) for kind in KINDS), fmt(1 - reached / kept if kept else None, 2)]
+        cells = [row_name(row), *(fmt(means[kind]) for kind in KINDS), fmt(1 - reached / kept if kept else None, 2)]
         lines.append(markdown_row(cells))
     return lines
 
@@ -388,7 +522,7 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [r for r in [BASE, *ROWS] if r in results][::-1]  # the table's first row on top
-    fig = Figure(figsize=(16, 0.45 * len(rows) + 1.5), layout="constrained")
+    fig = Figure(figsize=(20, 0.45 * len(rows) + 1.5), layout="constrained")
     *panels, learnt = fig.subplots(1, len(METRICS) + 1, gridspec_kw={"width_ratios": [1] * len(METRICS) + [1.1]})
     for ax in panels[1:]:
         ax.sharey(panels[0])
@@ -402,13 +536,13 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
             ax.scatter(values, [y + 0.15] * len(values), s=8, color="grey")
             if row == "full_noisy":
                 ax.axvline(mean, color="grey", linestyle="--", linewidth=1)
-        ax.set_yticks(range(len(rows)), [ROWS[r][0] if r in ROWS else "Base model" for r in rows])
+        ax.set_yticks(range(len(rows)), [row_name(r) for r in rows])
         ax.set_title(name, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     for i, row in enumerate(r for r in ROWS if r in results):
         entries = results[row].values()
         x = [e["train"]["train/response_tokens_total"] for e in entries]
-        learnt.scatter(x, [e["heldout"]["heldout/nll"] for e in entries], s=18, color=f"C{i}", label=ROWS[row][0])
+        learnt.scatter(x, [e["heldout"]["heldout/nll"] for e in entries], s=18, color=f"C{i}", label=row_name(row))
     learnt.set_xscale("log")
     learnt.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     learnt.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
@@ -446,7 +580,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         f"Data (`python -m experiments.noisy_sft build`): {len(kinds)} real single-turn ShareGPT pairs for training, "
         + ", ".join(f"{kind_sizes[k]} {k}" for k in KINDS)
         + f"; {n_heldout} clean held-out pairs and as many matching triples. Setup: `conf/experiment/noisy_sft.yaml` "
-        "(SmolLM2-135M-Instruct with LoRA, batch 8, lr 1e-3, budget s25_t50); seeds "
+        "(SmolLM2-135M-Instruct with LoRA, batch 8, lr 1e-3, budget s25_t50 unless a row names another); seeds "
         + ", ".join(map(str, SEEDS))
         + " of the training order.",
         "",
@@ -457,7 +591,9 @@ def report(out: Path, doc: Path, command: str) -> str:
         "Each cell: mean ± sample std over the row's n seeds; a Δ is the mean ± std of the per-seed differences "
         "(same seed, so the same data order) to that row. The held-out set is never pruned: the NLL counts every "
         "response token, and the matching accuracy compares a prompt's own response with the next held-out pair's "
-        "by mean log-likelihood per token (ties half).",
+        "by mean log-likelihood per token (ties half); with hard negatives, with the response of the held-out pair "
+        "whose prompt is nearest by TF-IDF cosine (the same topic, often the same kind of request). The paired "
+        "differences are taken to the Random / Random row at the same budget (s25_t50 or s50_t70).",
         "",
         f"![held-out metrics per row and seed]({plot_path.name})",
         "",
@@ -473,6 +609,7 @@ def report(out: Path, doc: Path, command: str) -> str:
         "full data's on the noisy set.",
         "",
         *kept_section(results, kind_sizes),
+        *matched_section(results, out),
         "## Sizing",
         "",
         SIZING.read_text().strip(),

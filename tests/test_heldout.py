@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 
-from experiments.heldout import heldout_metrics, matching_accuracy, response_logprobs, response_nll
+from experiments.heldout import heldout_metrics, matching_accuracy, nearest_prompts, response_logprobs, response_nll
 from qtuning.data import encode_conversation
 from qtuning.models import build_model, build_tokenizer
 
@@ -27,6 +30,46 @@ def test_pure_metrics_refuse_empty_or_unequal_inputs():
         response_nll([torch.zeros(0)])
     with pytest.raises(ValueError, match="1 own and 2 other"):
         matching_accuracy([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)])
+
+
+def plain_nearest(prompts: list[str]) -> list[int]:
+    """TF-IDF cosine by hand: counts of lower-cased words of 2+ word characters, idf = ln((1 + N) / (1 + df)) + 1,
+    each vector scaled to unit length; the most similar other prompt, the first of equal ones."""
+    docs = [re.findall(r"\b\w\w+\b", prompt.lower()) for prompt in prompts]
+    vocabulary = sorted({word for doc in docs for word in doc})
+    n = len(docs)
+    idf = {w: math.log((1 + n) / (1 + sum(w in doc for doc in docs))) + 1 for w in vocabulary}
+    vectors = []
+    for doc in docs:
+        v = [doc.count(w) * idf[w] for w in vocabulary]
+        norm = math.sqrt(sum(x * x for x in v))
+        vectors.append([x / norm for x in v])
+    nearest = []
+    for i in range(n):
+        best, best_cos = -1, -2.0
+        for j in range(n):
+            cos = sum(a * b for a, b in zip(vectors[i], vectors[j], strict=True))
+            if j != i and cos > best_cos + 1e-12:
+                best, best_cos = j, cos
+        nearest.append(best)
+    return nearest
+
+
+def test_nearest_prompts_equal_a_plain_tf_idf_loop():
+    prompts = [
+        "How do I bake sourdough bread at home?",
+        "Explain the Python GIL and threads.",
+        "What flour is best to bake bread with?",
+        "Python threads or asyncio for web scraping?",
+        "Write a haiku about autumn leaves.",
+        "Bake bread: bread, bread and more bread.",  # a repeated word weighs more
+        "Is a haiku about leaves in autumn still a haiku?",
+        "zz qq",  # no word shared with any other: its lowest-index other
+    ]
+    assert nearest_prompts(prompts) == plain_nearest(prompts)
+    assert nearest_prompts(prompts)[:5] == [5, 3, 5, 1, 6] and nearest_prompts(prompts)[7] == 0  # by hand, too
+    with pytest.raises(ValueError, match="at least two"):
+        nearest_prompts(["only one"])
 
 
 PAIRS = [
@@ -68,13 +111,15 @@ def test_scorer_equals_a_plain_loop_with_padding_and_batches(tiny):
 def test_heldout_metrics_from_the_scorer(tiny):
     model, tokenizer = tiny
     matching = [(PAIRS[0][0], PAIRS[0][1], PAIRS[1][1]), (PAIRS[1][0], PAIRS[1][1], PAIRS[2][1])]
-    metrics = heldout_metrics(model, tokenizer, PAIRS, matching, max_length=256)
+    hard = [(PAIRS[2][0], PAIRS[2][1], PAIRS[0][1]), *matching]
+    metrics = heldout_metrics(model, tokenizer, PAIRS, matching, hard, max_length=256)
     reference = [reference_logprobs(model, tokenizer, p, r, 256) for p, r in PAIRS]
     assert metrics["heldout/nll"] == pytest.approx(float(-torch.cat(reference).mean()), rel=1e-5)
     wins = [
         float(reference_logprobs(model, tokenizer, p, own, 256).mean())
         > float(reference_logprobs(model, tokenizer, p, other, 256).mean())
-        for p, own, other in matching
+        for p, own, other in hard
     ]
-    assert metrics["heldout/match_acc"] == sum(wins) / 2
-    assert (metrics["heldout/n_pairs"], metrics["heldout/n_matching"]) == (3.0, 2.0)
+    assert metrics["heldout/match_acc"] == sum(wins[1:]) / 2
+    assert metrics["heldout/match_hard_acc"] == pytest.approx(sum(wins) / 3)
+    assert (metrics["heldout/n_pairs"], metrics["heldout/n_matching"], metrics["heldout/n_matching_hard"]) == (3, 2, 3)
