@@ -54,7 +54,6 @@ OUT = ROOT / "logs" / "noisy_sft"
 MAX_LENGTH = 128
 SEEDS = (1, 2, 3)
 KINDS = ("clean", *NOISE_KINDS)
-# row -> (its name in the report, the overrides of its training job); `full_clean` trains on train_clean.jsonl
 
 
 @dataclass(frozen=True)
@@ -144,12 +143,13 @@ def build(out: Path, n_train: int, n_heldout: int, noise: float, seed: int) -> N
             pairs.append((prompt, response))
         if len(pairs) == n_train + n_heldout:
             break
-    split = noisy_split(pairs, n_train, n_heldout, noise, seed, fit=cut_to_fit(length, MAX_LENGTH))
+    fit = cut_to_fit(length, MAX_LENGTH)
+    split = noisy_split(pairs, n_train, n_heldout, noise, seed, fit=fit)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     for name, rows in zip(FILES, (split.train, split.clean, split.heldout, split.matching), strict=True):
         write_jsonl(data / name, rows)
-    write_hard_matching(data, cut_to_fit(length, MAX_LENGTH))
+    write_hard_matching(data, fit)
     kinds = [row["kind"] for row in split.train]
     print(f"wrote {data}: {n_train} training rows ({', '.join(f'{kinds.count(k)} {k}' for k in KINDS)}), "
           f"{n_heldout} held-out pairs and as many matching triples")  # fmt: skip
@@ -257,7 +257,8 @@ def matched_budget(out: Path) -> dict[str, Any]:
             f"{missing[0].dir.relative_to(out)} is not ({len(missing)} job(s) left)"
         )
     results = load_results(out)
-    best = min(QTUNING_ROWS, key=lambda row: statistics.fmean(by_seed(results, row, "heldout/nll").values()))
+    mean_nll = {row: statistics.fmean(by_seed(results, row, "heldout/nll").values()) for row in QTUNING_ROWS}
+    best = min(QTUNING_ROWS, key=mean_nll.__getitem__)
     share = spent_share(results, best)
     assert share is not None  # full_noisy is done
     r_sample = float(OmegaConf.load(out / "jobs" / best / f"seed{SEEDS[0]}" / ".hydra" / "config.yaml").budget.r_sample)
@@ -265,7 +266,7 @@ def matched_budget(out: Path) -> dict[str, Any]:
         raise QTuningError(f"{best} spent {share:.3f} of full data's response tokens, over its r_sample {r_sample}")
     matched = {
         "row": best,
-        "heldout/nll": statistics.fmean(by_seed(results, best, "heldout/nll").values()),
+        "heldout/nll": mean_nll[best],
         "share": share,
         "r_sample": r_sample,
         "r_token": share / r_sample,
